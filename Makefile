@@ -1,0 +1,45 @@
+# vfio-irqd — the two commands a new machine needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+SOURCES := proto/irqproto daemon/irqd tests bench
+
+.PHONY: all install run test lint typecheck pytest bench clean
+
+all: test
+
+# The virtualenv is rebuilt when the project's metadata or native code changes.
+$(STAMP): pyproject.toml setup.py daemon/irqd/_drain.c
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vfio-irqd needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict proto/irqproto daemon/irqd tests bench
+
+pytest: $(STAMP)
+	$(PY) -m pytest
+
+test: lint typecheck pytest
+
+# Starts the daemon on the simulated device, fires interrupts at it from another
+# process and watches them arrive; Ctrl-C stops everything.
+run: $(STAMP)
+	$(PY) -m irqd.demo
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +
+	find . -name '*.so' -delete
