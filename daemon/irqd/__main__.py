@@ -1,0 +1,8 @@
+"""``python -m irqd``: the same as the ``vfio-irqd`` command."""
+
+import sys
+
+from irqd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,808 @@
+"""The ``vfio-irqd`` command: ``serve``, ``watch``, ``status`` and ``sim fire``.
+
+``serve`` runs the daemon; the other commands are small clients of its socket
+built on :mod:`irqproto.blocking`. Exit codes: 0 success, 1 a runtime failure
+(no daemon, an error answer, a lost connection), 2 bad usage (as argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO, TypeVar
+
+from irqproto.blocking import Client
+from irqproto.errors import Disconnected, RpcError
+from irqproto.notifications import (
+    DeviceLostNotification,
+    IrqNotification,
+    ResizedNotification,
+    ShutdownNotification,
+)
+
+from irqd import __version__
+from irqd.config import (
+    DEFAULT_SOCKET_DIR,
+    SOCKET_ENV,
+    MsixStrategy,
+    ServerConfig,
+    SimConfig,
+    default_socket_path,
+)
+from irqd.firing import fire
+from irqd.logsetup import FORMATS, LEVELS, configure_logging
+
+__all__ = [
+    "INDEXES",
+    "CliError",
+    "build_parser",
+    "format_irq",
+    "format_ranges",
+    "main",
+    "normalize_bdf",
+]
+
+PROG = "vfio-irqd"
+
+#: IRQ index names as the protocol spells them (VFIO_PCI_*_IRQ_INDEX order).
+INDEXES = ("intx", "msi", "msix", "err", "req")
+
+#: Largest MSI-X table the PCI spec allows (Table Size is 11 bits, N-1 encoded).
+MAX_MSIX_VECTORS = 2048
+#: Largest MSI vector count (Multiple Message Capable tops out at 32).
+MAX_MSI_VECTORS = 32
+
+#: vfio_irq_info.flags bits (include/uapi/linux/vfio.h), for ``status``.
+_IRQ_FLAG_NAMES = (
+    (1 << 0, "eventfd"),
+    (1 << 1, "maskable"),
+    (1 << 2, "automasked"),
+    (1 << 3, "noresize"),
+)
+
+_BDF_RE = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
+
+
+class CliError(Exception):
+    """A failure to report on stderr as ``vfio-irqd: <message>`` with ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- argument types ------------------------------------------------------------------------
+
+
+def normalize_bdf(text: str) -> str:
+    """``0000:03:00.0`` from ``03:00.0`` or any case; ``ValueError`` if not a PCI address."""
+    match = _BDF_RE.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a PCI address like 0000:03:00.0")
+    domain, bus, slot, func = match.groups()
+    return f"{(domain or '0000').lower()}:{bus.lower()}:{slot.lower()}.{func}"
+
+
+def _bdf(text: str) -> str:
+    try:
+        return normalize_bdf(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({bound})")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 660") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (000..777)")
+    return value
+
+
+def _vector(text: str) -> int:
+    return _int_range(0, MAX_MSIX_VECTORS - 1)(text)
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+_SOCKET_HELP = (
+    f"the daemon's Unix socket (default: ${SOCKET_ENV} if set, else "
+    f"{DEFAULT_SOCKET_DIR}/<instance>.sock, where the instance is the --device "
+    "PCI address or 'sim')"
+)
+
+
+def _desc(text: str) -> str:
+    # RawDescriptionHelpFormatter keeps the epilogs' example columns; the
+    # descriptions are wrapped here instead.
+    return textwrap.fill(text, width=78)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_socket(parser: argparse.ArgumentParser, *, with_device: bool) -> None:
+    group = parser.add_argument_group("daemon")
+    group.add_argument("--socket", metavar="PATH", type=Path, help=_SOCKET_HELP)
+    if with_device:
+        group.add_argument(
+            "--device",
+            metavar="BDF",
+            type=_bdf,
+            help="talk to the instance that owns this PCI device (picks the default socket)",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vfio-irqd`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=_formatter,
+        description=_desc(
+            "Own a VFIO PCI device and forward its interrupts to client processes "
+            "over msgpack-RPC on a Unix socket."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vfio-irqd serve --sim                      run on the simulated device\n"
+            "  vfio-irqd watch msix 0 1 2                 print interrupts as they arrive\n"
+            "  vfio-irqd sim fire --count 10 0 1          raise 10 interrupts on vectors 0, 1\n"
+            "  vfio-irqd status                           counts, clients, latency\n"
+            "\n"
+            "'vfio-irqd COMMAND --help' describes each command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_serve(commands)
+    _add_watch(commands)
+    _add_status(commands)
+
+    sim = commands.add_parser(
+        "sim",
+        help="drive the simulated device",
+        description=_desc("Commands that only work against a daemon running the simulated device."),
+        formatter_class=_formatter,
+        epilog="examples:\n  vfio-irqd sim fire --count 100 0 1",
+    )
+    sim_commands = sim.add_subparsers(dest="sim_command", metavar="SIMCOMMAND", required=True)
+    _add_sim_fire(sim_commands)
+    return parser
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon",
+        formatter_class=_formatter,
+        description=_desc(
+            "Run the daemon in the foreground until SIGINT or SIGTERM. Without --device it "
+            "runs the simulated device, a model of the kernel's VFIO interrupt rules."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vfio-irqd serve --sim --socket /tmp/irqd.sock\n"
+            "  vfio-irqd serve --sim --sim-vectors 16 --sim-noresize --msix-strategy grow\n"
+            "  vfio-irqd serve --device 0000:03:00.0 --log-format json\n"
+            "\n"
+            "Logs go to stdout: readable on a terminal, JSON lines otherwise (journald)."
+        ),
+    )
+    _add_socket(serve, with_device=False)
+    device = serve.add_argument_group("device")
+    which = device.add_mutually_exclusive_group()
+    which.add_argument(
+        "--device", metavar="BDF", type=_bdf, help="PCI address of a real device bound to vfio-pci"
+    )
+    which.add_argument(
+        "--sim", action="store_true", help="run the simulated device (the default without --device)"
+    )
+    device.add_argument(
+        "--sim-vectors",
+        metavar="N",
+        type=_int_range(1, MAX_MSIX_VECTORS),
+        help=f"MSI-X table size of the simulated device, 1..{MAX_MSIX_VECTORS} (default 64)",
+    )
+    device.add_argument(
+        "--sim-noresize",
+        action="store_true",
+        help="report VFIO_IRQ_INFO_NORESIZE for MSI-X, like a kernel before 6.5",
+    )
+    device.add_argument(
+        "--sim-msi-vectors",
+        metavar="N",
+        type=_int_range(1, MAX_MSI_VECTORS),
+        help=f"MSI vectors of the simulated device, 1..{MAX_MSI_VECTORS} (default 1)",
+    )
+    msix = serve.add_argument_group("MSI-X")
+    msix.add_argument(
+        "--msix-strategy",
+        choices=[s.value for s in MsixStrategy],
+        default=MsixStrategy.AUTO.value,
+        help="how vectors are added to a running device (default auto: dynamic if the "
+        "kernel allows it, else prearm)",
+    )
+    msix.add_argument(
+        "--msix-prearm",
+        metavar="N",
+        type=_int_range(1, MAX_MSIX_VECTORS),
+        help="vectors to enable up front with the prearm strategy (default: the table, up to 64)",
+    )
+    svc = serve.add_argument_group("service")
+    svc.add_argument(
+        "--socket-mode",
+        metavar="OCTAL",
+        type=_octal_mode,
+        default=0o660,
+        help="permission bits of the socket (default 660)",
+    )
+    svc.add_argument("--log-level", choices=list(LEVELS), default="info", help="default info")
+    svc.add_argument(
+        "--log-format",
+        choices=list(FORMATS),
+        default="auto",
+        help="auto: console on a terminal, JSON lines otherwise (default)",
+    )
+    serve.set_defaults(func=cmd_serve, parser=serve)
+
+
+def _add_watch(commands: Any) -> None:
+    watch = commands.add_parser(
+        "watch",
+        help="subscribe to vectors and print interrupts as they arrive",
+        formatter_class=_formatter,
+        description=_desc(
+            "Subscribe to VECTORs of INDEX and print one line per 'irq' notification: "
+            "the interrupts since the previous line per vector, and the running total "
+            "since watch started. 'resized', 'shutdown' and 'device_lost' are printed too. "
+            "The first line says the subscription is in place."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vfio-irqd watch msix 0 1 2\n"
+            "  vfio-irqd watch --json --count 200 msix 0 1      exit after 200 interrupts\n"
+            "  vfio-irqd watch --timeout 10 msi 0\n"
+            "\n"
+            "exit status: 0 on Ctrl-C, daemon shutdown, --count reached or --timeout without\n"
+            "--count; 1 on errors, a lost device or connection, or --timeout before --count."
+        ),
+    )
+    _add_socket(watch, with_device=True)
+    watch.add_argument(
+        "index", metavar="INDEX", choices=INDEXES, help="one of " + ", ".join(INDEXES)
+    )
+    watch.add_argument("vectors", metavar="VECTOR", nargs="+", type=_vector, help="vector numbers")
+    watch.add_argument("--json", action="store_true", help="one JSON object per line")
+    watch.add_argument(
+        "--count",
+        metavar="N",
+        type=_int_range(1),
+        help="exit after N interrupts in total have arrived",
+    )
+    watch.add_argument("--timeout", metavar="S", type=_positive_float, help="exit after S seconds")
+    watch.set_defaults(func=cmd_watch, parser=watch)
+
+
+def _add_status(commands: Any) -> None:
+    status = commands.add_parser(
+        "status",
+        help="show the device, per-vector counts, clients and latency",
+        formatter_class=_formatter,
+        description=_desc("Read 'device.info' and 'stats' and print them as tables, or as JSON."),
+        epilog="examples:\n  vfio-irqd status\n  vfio-irqd status --json | jq .stats.vectors",
+    )
+    _add_socket(status, with_device=True)
+    status.add_argument(
+        "--json", action="store_true", help='print {"device": ..., "stats": ...} as JSON'
+    )
+    status.set_defaults(func=cmd_status, parser=status)
+
+
+def _add_sim_fire(commands: Any) -> None:
+    fire = commands.add_parser(
+        "fire",
+        help="raise interrupts on the simulated device",
+        formatter_class=_formatter,
+        description=_desc(
+            "Fetch the eventfds of VECTORs from the daemon (sim.eventfds) and write them as "
+            "the kernel does for each interrupt. A vector must have a subscriber (e.g. a "
+            "running 'vfio-irqd watch') to have an eventfd."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vfio-irqd sim fire 0                          one interrupt on msix vector 0\n"
+            "  vfio-irqd sim fire --count 1000 0 1 2         1000 each, as fast as possible\n"
+            "  vfio-irqd sim fire --rate 10 --count 0 0      10/s on vector 0 until Ctrl-C"
+        ),
+    )
+    _add_socket(fire, with_device=True)
+    fire.add_argument("--index", choices=INDEXES, default="msix", help="default msix")
+    fire.add_argument(
+        "--count",
+        metavar="N",
+        type=_int_range(0),
+        default=1,
+        help="interrupts per vector (default 1; 0 = until Ctrl-C)",
+    )
+    fire.add_argument(
+        "--rate",
+        metavar="R",
+        type=_positive_float,
+        help="interrupts per second per vector (default: as fast as possible)",
+    )
+    fire.add_argument("vectors", metavar="VECTOR", nargs="+", type=_vector, help="vector numbers")
+    fire.set_defaults(func=cmd_sim_fire, parser=fire)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def socket_path(args: argparse.Namespace) -> Path:
+    """``--socket``, else the default for ``--device`` (or the ``sim`` instance)."""
+    if args.socket is not None:
+        return Path(args.socket)
+    return default_socket_path(getattr(args, "device", None) or "sim")
+
+
+@contextlib.contextmanager
+def _connected(args: argparse.Namespace, name: str) -> Iterator[Client]:
+    """A connected, greeted client; connection failures become :class:`CliError`."""
+    path = socket_path(args)
+    try:
+        client = Client(str(path), client_name=f"{PROG} {name}")
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise CliError(
+            f"no daemon is listening on {path}; start one with "
+            f"'{PROG} serve --sim --socket {path}' (or pass --socket)"
+        ) from None
+    except PermissionError:
+        raise CliError(
+            f"permission denied connecting to {path}; the socket's group must include you "
+            "(see serve --socket-mode)"
+        ) from None
+    with client:
+        yield client
+
+
+_T = TypeVar("_T")
+
+
+def _run_client(func: Callable[[], _T]) -> _T:
+    """Run a client command, turning the protocol's failures into :class:`CliError`."""
+    try:
+        return func()
+    except RpcError as exc:
+        raise CliError(f"the daemon refused: {exc.code}: {exc.message}") from None
+    except Disconnected:
+        raise CliError("the daemon closed the connection") from None
+    except TimeoutError:
+        raise CliError("the daemon did not answer in time") from None
+    except ConnectionError as exc:
+        raise CliError(f"lost the connection to the daemon: {exc}") from None
+
+
+def format_ranges(numbers: Iterable[int]) -> str:
+    """``0-3,7`` for ``[0, 1, 2, 3, 7]``; ``-`` for none."""
+    ordered = sorted(set(numbers))
+    if not ordered:
+        return "-"
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for n in [*ordered[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(parts)
+
+
+def format_irq(index: str, counts: Sequence[tuple[int, int]], totals: dict[int, int]) -> str:
+    """``msix  v0 +3 (total 12)  v2 +1 (total 4)``; ``totals`` already includes ``counts``."""
+    cells = [f"v{vector} +{count} (total {totals.get(vector, count)})" for vector, count in counts]
+    return "  ".join([f"{index:<4}", *cells])
+
+
+def _emit(out: TextIO, text: str) -> None:
+    # Flushed per line: watch is read through pipes (scripts, the demo), and a
+    # line stuck in a block buffer is an interrupt the reader never sees.
+    out.write(text + "\n")
+    out.flush()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``serve``: validate, build the :class:`ServerConfig`, configure logging, run."""
+    parser: argparse.ArgumentParser = args.parser
+    sim_flags = [
+        flag
+        for flag, given in (
+            ("--sim-vectors", args.sim_vectors is not None),
+            ("--sim-noresize", args.sim_noresize),
+            ("--sim-msi-vectors", args.sim_msi_vectors is not None),
+        )
+        if given
+    ]
+    strategy = MsixStrategy(args.msix_strategy)
+    if args.device is not None and sim_flags:
+        parser.error(f"{', '.join(sim_flags)}: only for the simulated device, not with --device")
+    if args.msix_prearm is not None and strategy not in (MsixStrategy.AUTO, MsixStrategy.PREARM):
+        parser.error(
+            f"--msix-prearm only applies to --msix-strategy auto or prearm, not {strategy}"
+        )
+    sim = SimConfig(
+        msix_vectors=args.sim_vectors if args.sim_vectors is not None else SimConfig.msix_vectors,
+        noresize=args.sim_noresize,
+        msi_vectors=(
+            args.sim_msi_vectors if args.sim_msi_vectors is not None else SimConfig.msi_vectors
+        ),
+    )
+    if args.device is None:
+        if args.msix_prearm is not None and args.msix_prearm > sim.msix_vectors:
+            parser.error(
+                f"--msix-prearm {args.msix_prearm} exceeds the MSI-X table "
+                f"(--sim-vectors {sim.msix_vectors})"
+            )
+        if strategy is MsixStrategy.DYNAMIC and sim.noresize:
+            parser.error(
+                "--msix-strategy dynamic needs a kernel without NORESIZE, and --sim-noresize "
+                "models one with it; use auto, prearm or grow"
+            )
+    elif importlib.util.find_spec("irqd.device.vfio") is None:
+        # The VFIO backend is a separate module; until it is part of the build a
+        # real device cannot be opened, and saying so beats a traceback.
+        parser.error(
+            f"--device {args.device}: the VFIO backend is not part of this build yet; "
+            "use --sim to run the simulated device"
+        )
+
+    config = ServerConfig(
+        socket_path=Path(args.socket)
+        if args.socket is not None
+        else default_socket_path(args.device or "sim"),
+        device=args.device,
+        sim=sim,
+        msix_strategy=strategy,
+        msix_prearm=args.msix_prearm,
+        socket_mode=args.socket_mode,
+    )
+    configure_logging(args.log_level, args.log_format)
+    # Imported here, not at the top: the server pulls in Trio and the device
+    # backends, which the client commands and --help have no use for.
+    from irqd.server import run  # noqa: PLC0415
+
+    return run(config)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``watch``: subscribe and print notifications until told to stop."""
+    out = sys.stdout
+    vectors: list[int] = list(dict.fromkeys(args.vectors))
+    deadline = time.monotonic() + args.timeout if args.timeout is not None else None
+
+    def say(human: str, record: dict[str, Any]) -> None:
+        if args.json:
+            _emit(out, json.dumps({"time": _now_iso(), **record}, separators=(",", ":")))
+        else:
+            _emit(out, human)
+
+    def run() -> int:
+        with _connected(args, "watch") as client:
+            result = client.subscribe(args.index, vectors)
+            say(
+                f"subscribed to {args.index} {format_ranges(result['vectors'])} "
+                f"({result['how']}); Ctrl-C to stop",
+                {"event": "subscribed", "index": args.index, **result},
+            )
+            totals: dict[int, int] = dict.fromkeys(vectors, 0)
+            seen = 0
+            while args.count is None or seen < args.count:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                try:
+                    note = client.next_notification(timeout=remaining)
+                except TimeoutError:
+                    break
+                except (Disconnected, ConnectionError, EOFError):
+                    raise CliError("the daemon closed the connection") from None
+                if isinstance(note, IrqNotification):
+                    for vector, count in note.counts:
+                        totals[vector] = totals.get(vector, 0) + count
+                        seen += count
+                    say(
+                        format_irq(note.index, note.counts, totals),
+                        {
+                            "event": "irq",
+                            "index": note.index,
+                            "vectors": [
+                                {"vector": v, "count": n, "total": totals[v]}
+                                for v, n in note.counts
+                            ],
+                        },
+                    )
+                elif isinstance(note, ResizedNotification):
+                    loss = "; interrupts may have been lost" if note.possible_loss else ""
+                    say(
+                        f"resized {note.index}: now {format_ranges(note.vectors)}{loss}",
+                        {
+                            "event": "resized",
+                            "index": note.index,
+                            "vectors": list(note.vectors),
+                            "possible_loss": note.possible_loss,
+                        },
+                    )
+                elif isinstance(note, ShutdownNotification):
+                    say(f"shutdown: {note.reason}", {"event": "shutdown", "reason": note.reason})
+                    return 0
+                elif isinstance(note, DeviceLostNotification):
+                    say(
+                        f"device_lost: {note.reason}",
+                        {"event": "device_lost", "reason": note.reason},
+                    )
+                    return 1
+                else:  # a notification newer than this client: show it, keep going
+                    name = getattr(note, "method", type(note).__name__)
+                    params = list(getattr(note, "params", ()))
+                    say(f"{name} {params!r}", {"event": str(name), "params": params})
+            if args.count is not None and seen < args.count:
+                raise CliError(
+                    f"timed out after {args.timeout:g} s with {seen} of {args.count} interrupts"
+                )
+            return 0
+
+    try:
+        return _run_client(run)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``status``: ``device.info`` and ``stats`` as tables or JSON."""
+
+    def run() -> int:
+        with _connected(args, "status") as client:
+            info = client.device_info()
+            stats = client.stats()
+        if args.json:
+            _emit(
+                sys.stdout, json.dumps({"device": info, "stats": stats}, indent=2, sort_keys=True)
+            )
+        else:
+            _emit(sys.stdout, render_status(info, stats))
+        return 0
+
+    return _run_client(run)
+
+
+def _flag_names(flags: int) -> str:
+    names = [name for bit, name in _IRQ_FLAG_NAMES if flags & bit]
+    return ",".join(names) or "-"
+
+
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  "
+) -> list[str]:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    # Numbers right-aligned (and their headers with them) so magnitudes line up.
+    numeric = [bool(rows) and all(isinstance(r[i], int) for r in rows) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        padded = (
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(row, widths, numeric, strict=True)
+        )
+        return (indent + "  ".join(padded)).rstrip()
+
+    return [line(headers), *(line(r) for r in cells)]
+
+
+def _percentile(bounds: Sequence[int], counts: Sequence[int], fraction: float) -> int | None:
+    total = sum(counts)
+    if not total:
+        return None
+    running = 0
+    for bound, count in zip(bounds, counts, strict=False):
+        running += count
+        if running >= fraction * total:
+            return bound
+    return bounds[-1] if bounds else None
+
+
+def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
+    """The human ``status`` report for a ``device.info`` and a ``stats`` result."""
+    lines: list[str] = []
+    uptime = stats.get("uptime_s")
+    up = f"   up {uptime:.1f} s" if isinstance(uptime, (int, float)) else ""
+    lines.append(f"device    {info.get('device', '?')}   backend {info.get('backend', '?')}{up}")
+    strategy = info.get("msix_strategy", stats.get("msix_strategy", "?"))
+    host = stats.get("host_vectors") or {}
+    host_text = ", ".join(f"{k} {v}" for k, v in sorted(host.items())) or "-"
+    lines.append(f"msix      strategy {strategy}   host vectors: {host_text}")
+    lines.append("")
+
+    rows = []
+    for index in INDEXES:
+        entry = info.get(index)
+        if not isinstance(entry, dict):
+            continue
+        mode = "dynamic" if entry.get("dynamic") else ("noresize" if entry.get("noresize") else "-")
+        rows.append(
+            [
+                index,
+                entry.get("count", 0),
+                _flag_names(int(entry.get("flags", 0))),
+                mode,
+                "yes" if entry.get("active") else "no",
+                format_ranges(entry.get("enabled", [])),
+            ]
+        )
+    lines.append("interrupt indexes")
+    lines += _table(["index", "count", "flags", "resize", "active", "enabled"], rows)
+    lines.append("")
+
+    vectors = stats.get("vectors", [])
+    lines.append("vectors")
+    if vectors:
+        lines += _table(
+            ["index", "vector", "total", "subscribers"],
+            [[v["index"], v["vector"], v["count"], v["subscribers"]] for v in vectors],
+        )
+    else:
+        lines.append("  (none enabled)")
+    lines.append("")
+
+    # Leave out the connection this very command is reading stats over.
+    clients = [c for c in stats.get("clients", []) if c.get("pid") != os.getpid()]
+    lines.append("clients")
+    if clients:
+        rows = []
+        for c in clients:
+            by_index: dict[str, list[int]] = {}
+            for index, number in c.get("vectors", []):
+                by_index.setdefault(index, []).append(number)
+            subs = " ".join(f"{i} {format_ranges(ns)}" for i, ns in by_index.items()) or "-"
+            rows.append(
+                [
+                    c.get("id", "?"),
+                    c.get("name") or "?",
+                    c.get("pid", "?"),
+                    c.get("uid", "?"),
+                    c.get("pending", 0),
+                    c.get("delivered", "-"),
+                    subs,
+                ]
+            )
+        lines += _table(["id", "name", "pid", "uid", "pending", "delivered", "vectors"], rows)
+    else:
+        lines.append("  (none)")
+    lines.append("")
+
+    dispatch = stats.get("dispatch", {})
+    lines.append(
+        f"dispatch  rounds {dispatch.get('rounds', 0)}   events {dispatch.get('events', 0)}   "
+        f"native {'yes' if dispatch.get('native') else 'no'}"
+    )
+    latency = stats.get("latency_us", {})
+    bounds, counts = latency.get("bounds", []), latency.get("counts", [])
+    total = sum(counts)
+    if total:
+        marks = [
+            f"{label} <= {_percentile(bounds, counts, q)} us"
+            for label, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+        ]
+        lines.append(f"latency   deliveries {total}   " + "   ".join(marks))
+    else:
+        lines.append("latency   no deliveries yet")
+    return "\n".join(lines)
+
+
+def cmd_sim_fire(args: argparse.Namespace) -> int:
+    """``sim fire``: write the vectors' eventfds ``--count`` times at ``--rate``."""
+    vectors: list[int] = list(dict.fromkeys(args.vectors))
+
+    def fetch() -> list[int]:
+        with _connected(args, "sim-fire") as client:
+            return client.sim_eventfds(args.index, vectors)
+
+    fds: list[int] = []
+    stop = False
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        # Stop between rounds instead of raising KeyboardInterrupt mid-write,
+        # so the summary counts exactly what the daemon will see.
+        nonlocal stop
+        stop = True
+
+    try:
+        fds = _run_client(fetch)
+    except KeyboardInterrupt:
+        return 0
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = fire(
+            list(zip(vectors, fds, strict=True)),
+            count=args.count,
+            rate=args.rate,
+            should_stop=lambda: stop,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for fd in fds:
+            os.close(fd)
+    per_vector = ", ".join(f"v{v} {n}" for v, n in result.written)
+    rate = f", {result.total / result.elapsed_s:,.0f}/s" if result.elapsed_s > 0 else ""
+    _emit(
+        sys.stdout,
+        f"fired {args.index}: {per_vector} ({result.total} interrupts in "
+        f"{result.elapsed_s:.3f} s{rate})",
+    )
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return exc.status
+    except BrokenPipeError:
+        # `vfio-irqd watch | head`: the reader left; that is not an error.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the exit-time flush
+        return 0

@@ -1,0 +1,67 @@
+"""The daemon's settings, as one immutable value the CLI (and later a config file) builds."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Where sockets live unless ``--socket`` or ``$VFIO_IRQD_SOCKET`` says otherwise.
+DEFAULT_SOCKET_DIR = Path("/run/vfio-irqd")
+
+#: Environment variable that overrides the default socket path for every command.
+SOCKET_ENV = "VFIO_IRQD_SOCKET"
+
+#: Upper bound on the pre-armed MSI-X range when ``--msix-prearm`` is not given:
+#: pre-arming costs one host vector per entry, and a 2048-entry table per device
+#: exhausts a host quickly (cloud-hypervisor issue 7079 saw it with 257 per VF).
+DEFAULT_PREARM_CAP = 64
+
+
+class MsixStrategy(enum.StrEnum):
+    """How MSI-X vectors are added to a running device (DESIGN.md)."""
+
+    AUTO = "auto"
+    DYNAMIC = "dynamic"
+    PREARM = "prearm"
+    GROW = "grow"
+
+
+def default_socket_path(instance: str) -> Path:
+    """``$VFIO_IRQD_SOCKET`` if set, else ``/run/vfio-irqd/<instance>.sock``."""
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_SOCKET_DIR / f"{instance}.sock"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Shape of the simulated device."""
+
+    msix_vectors: int = 64
+    noresize: bool = False
+    msi_vectors: int = 1
+    intx: bool = True
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``serve`` needs to run."""
+
+    socket_path: Path
+    #: PCI address of a real device; ``None`` runs the simulated device.
+    device: str | None = None
+    sim: SimConfig = SimConfig()
+    msix_strategy: MsixStrategy = MsixStrategy.AUTO
+    #: Size of the pre-armed MSI-X range; ``None`` means the whole table up to
+    #: ``DEFAULT_PREARM_CAP``.
+    msix_prearm: int | None = None
+    #: Permission bits of the listening socket, applied atomically at bind time.
+    socket_mode: int = 0o660
+
+    @property
+    def instance(self) -> str:
+        """The name of this daemon instance: the PCI address, or ``sim``."""
+        return self.device if self.device is not None else "sim"

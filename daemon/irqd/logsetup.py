@@ -1,0 +1,105 @@
+"""Logging for the daemon: structlog, JSON lines for journald, a readable console on a terminal.
+
+Follows structlog's production recommendations: a filtering bound logger (log
+calls below the level cost one method call that returns ``None``), loggers
+cached on first use, ISO-8601 UTC timestamps, and a plain ``WriteLogger`` that
+writes one line per event and flushes it, so journald (or a pipe, as in the
+demo) sees each event as it happens.
+
+Records that third-party libraries send to the standard library's ``logging``
+go through the same renderer, so stdout stays one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+from structlog.typing import Processor
+
+__all__ = ["FORMATS", "LEVELS", "configure_logging"]
+
+#: Accepted ``--log-level`` values, mapped to the standard library's numbers.
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+#: Accepted ``--log-format`` values; ``auto`` is ``console`` on a terminal, else ``json``.
+FORMATS = ("auto", "json", "console")
+
+
+def _want_json(fmt: str, stream: TextIO) -> bool:
+    if fmt == "json":
+        return True
+    if fmt == "console":
+        return False
+    # Under systemd stdout is a socket to journald, never a terminal.
+    isatty = getattr(stream, "isatty", None)
+    return not (callable(isatty) and isatty())
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog (and the standard library's root logger) for the process.
+
+    ``level`` is one of :data:`LEVELS`; ``fmt`` one of :data:`FORMATS`. Output
+    goes to ``stream``, by default ``sys.stdout`` as looked up now (journald
+    collects a service's stdout). Raises ``ValueError`` for an unknown level or
+    format. Call it once, before the first log call: with
+    ``cache_logger_on_first_use`` a logger that has already logged keeps the
+    configuration it first saw.
+    """
+    try:
+        numeric = LEVELS[level.lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}; choose from {', '.join(LEVELS)}") from None
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown log format {fmt!r}; choose from {', '.join(FORMATS)}")
+    out = stream if stream is not None else sys.stdout
+    as_json = _want_json(fmt, out)
+
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Processor
+    if as_json:
+        # Tracebacks as structured data: one JSON object per event, never a
+        # multi-line blob that journald would split into separate entries.
+        shared.append(structlog.processors.dict_tracebacks)
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    else:
+        shared.append(structlog.dev.set_exc_info)
+        renderer = structlog.dev.ConsoleRenderer(colors=_colors(out))
+
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        context_class=dict,
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=True,
+    )
+
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+
+
+def _colors(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(callable(isatty) and isatty())

@@ -1,0 +1,194 @@
+"""One client connection: its output path and its coalescing interrupt counters.
+
+Interrupt counts are never queued as messages. The dispatcher adds them to a
+per-vector counter and wakes the session's sender, which turns everything
+pending into one ``irq`` notification per index when the socket can take it.
+A client that stops reading therefore costs one integer per subscribed vector
+and slows nobody else: the dispatcher only ever increments and sets an event.
+
+Every byte a session writes (responses, notifications, ``irq`` counts) goes
+through ``_send_locked`` under one lock, so messages never interleave, and
+pending counts are only taken while holding it. ``respond`` flushes pending
+counts first: when a client reads the answer to ``unsubscribe``, every count
+for that subscription is already in front of it.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from irqd.device.base import IrqIndex
+from irqd.stats import LatencyHistogram
+from irqproto.codec import encode
+from irqproto.messages import to_wire
+from irqproto.notifications import ResizedNotification, TypedNotification, encode_irq
+
+#: include/net/scm.h: the most fds one SCM_RIGHTS message may carry.
+SCM_MAX_FD = 253
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """``SO_PEERCRED`` of a Unix socket peer."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, sock: trio.socket.SocketType) -> PeerCredentials:
+        """Read the credentials the kernel recorded when the peer connected."""
+        fmt = "3i"
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
+        pid, uid, gid = struct.unpack(fmt, raw)
+        return cls(pid, uid, gid)
+
+
+def encode_counts(index: IrqIndex, counts: dict[int, int]) -> bytes:
+    """One ``irq`` notification carrying every pending count of ``index``."""
+    flat: list[int] = []
+    for vector in sorted(counts):
+        flat.append(vector)
+        flat.append(counts[vector])
+    return encode_irq(index.wire_name, flat)
+
+
+def encode_notification(notification: TypedNotification) -> bytes:
+    """The wire bytes of a control notification."""
+    return encode(to_wire(notification.to_message()))
+
+
+class Session:
+    """A connected client as the vector table and the request handlers see it."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        session_id: int,
+        peer: PeerCredentials,
+        latency: LatencyHistogram,
+    ) -> None:
+        self.sock = sock
+        self.id = session_id
+        self.peer = peer
+        self.name = ""
+        self.greeted = False
+        self.latency = latency
+        self.connected_at = time.monotonic()
+        self.requests = 0
+        self.delivered = 0
+        self.notifications = 0
+        self._pending: dict[IrqIndex, dict[int, int]] = {}
+        self._pending_since_ns = 0
+        self._resized: dict[IrqIndex, tuple[set[int], bool]] = {}
+        self._outbox: list[bytes] = []
+        self._wake = trio.Event()
+        self._lock = trio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.name!r} pid={self.peer.pid}>"
+
+    # -- called synchronously by the table and the dispatcher --------------------
+
+    def add_pending(self, index: IrqIndex, vector: int, count: int) -> None:
+        """Credit interrupts; coalesces with whatever is still unsent."""
+        per_index = self._pending.get(index)
+        if per_index is None:
+            per_index = self._pending[index] = {}
+        if not self._pending_since_ns:
+            self._pending_since_ns = time.perf_counter_ns()
+        per_index[vector] = per_index.get(vector, 0) + count
+        self._wake.set()
+
+    def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
+        """Queue a ``resized`` notification; several coalesce into one per index."""
+        known, loss = self._resized.get(index, (set(), False))
+        known.update(vectors)
+        self._resized[index] = (known, loss or possible_loss)
+        self._wake.set()
+
+    def post(self, notification: TypedNotification) -> None:
+        """Queue a control notification (``shutdown``, ``device_lost``)."""
+        self._outbox.append(encode_notification(notification))
+        self._wake.set()
+
+    def pending_counters(self) -> int:
+        """How many (index, vector) counters are waiting: the memory a slow client costs."""
+        return sum(len(per) for per in self._pending.values())
+
+    def pending_total(self) -> int:
+        """Interrupts credited but not yet written to the socket."""
+        return sum(sum(per.values()) for per in self._pending.values())
+
+    # -- the output path -----------------------------------------------------------------
+
+    async def run_sender(self) -> None:
+        """Write pending notifications whenever there are some, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            async with self._lock:
+                await self._send_locked(b"")
+
+    async def respond(self, response: bytes, fds: Sequence[int] = ()) -> None:
+        """Write a response, after everything pending; ``fds`` ride on its first byte."""
+        async with self._lock:
+            await self._send_locked(response, fds)
+
+    async def flush(self) -> None:
+        """Write whatever is pending now."""
+        async with self._lock:
+            await self._send_locked(b"")
+
+    async def _send_locked(self, tail: bytes, fds: Sequence[int] = ()) -> None:
+        since_ns = self._pending_since_ns
+        self._pending_since_ns = 0
+        head = self._take_pending()
+        if head:
+            await self._sendall(head)
+            if since_ns:
+                self.latency.record_ns(time.perf_counter_ns() - since_ns)
+        if tail:
+            await self._sendall(tail, fds)
+
+    def _take_pending(self) -> bytes:
+        parts = self._outbox
+        self._outbox = []
+        for index, (vectors, loss) in self._resized.items():
+            resized = ResizedNotification(index.wire_name, tuple(sorted(vectors)), loss)
+            parts.append(encode_notification(resized))
+        self._resized = {}
+        pending = self._pending
+        if pending:
+            self._pending = {}
+            for index in sorted(pending):
+                counts = pending[index]
+                self.delivered += sum(counts.values())
+                parts.append(encode_counts(index, counts))
+        if not parts:
+            return b""
+        self.notifications += len(parts)
+        return b"".join(parts)
+
+    async def _sendall(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        view = memoryview(data)
+        pending_fds = list(fds)
+        while pending_fds:
+            # The kernel takes at most SCM_MAX_FD (253) fds per message, and each
+            # batch needs at least one byte to ride on: the client collects fds
+            # in order and matches them with the response's vector list.
+            batch, pending_fds = pending_fds[:SCM_MAX_FD], pending_fds[SCM_MAX_FD:]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch).tobytes())]
+            chunk = view[:1] if pending_fds else view
+            sent = await self.sock.sendmsg([chunk], rights)
+            view = view[sent:]
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]

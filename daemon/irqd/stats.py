@@ -1,0 +1,47 @@
+"""Counters the ``stats`` method reports that belong to no single module."""
+
+from __future__ import annotations
+
+import bisect
+
+#: Upper bounds (µs) of the latency buckets: powers of two from 1 µs to ~1 s.
+LATENCY_BOUNDS_US: tuple[int, ...] = tuple(1 << i for i in range(21))
+
+
+class LatencyHistogram:
+    """Delivery latency: from the moment a count is credited to a session until
+    the ``irq`` bytes carrying it have been handed to the kernel.
+
+    Fixed log2 buckets so recording is one bisect and an increment, and memory
+    does not grow with traffic. The last bucket also holds everything slower.
+    """
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(LATENCY_BOUNDS_US)
+
+    def record_ns(self, nanoseconds: int) -> None:
+        """Add one observation."""
+        micros = nanoseconds / 1000
+        slot = bisect.bisect_left(LATENCY_BOUNDS_US, micros)
+        self.counts[min(slot, len(self.counts) - 1)] += 1
+
+    def total(self) -> int:
+        """How many observations were recorded."""
+        return sum(self.counts)
+
+    def percentile_us(self, fraction: float) -> int | None:
+        """The bucket bound below which ``fraction`` of observations fall, or ``None``."""
+        total = self.total()
+        if not total:
+            return None
+        wanted = fraction * total
+        running = 0
+        for bound, count in zip(LATENCY_BOUNDS_US, self.counts, strict=True):
+            running += count
+            if running >= wanted:
+                return bound
+        return LATENCY_BOUNDS_US[-1]
+
+    def as_wire(self) -> dict[str, list[int]]:
+        """The ``latency_us`` part of the ``stats`` result."""
+        return {"bounds": list(LATENCY_BOUNDS_US), "counts": list(self.counts)}

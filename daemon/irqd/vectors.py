@@ -1,0 +1,564 @@
+"""The vector table: which vectors are enabled, which eventfd backs each, who subscribes.
+
+The desired state lives here, not in the kernel: VFIO_DEVICE_SET_IRQS is not
+transactional (a failure half-way through a range leaves vectors de-assigned,
+and a failure in the call that enabled an index disables it), so every change
+is made as single-vector calls where possible, and every failure is undone from
+this table's own record before the error reaches the client.
+
+Everything here is synchronous and runs on the Trio thread. That is what makes
+counts exact: between draining a vector's eventfd and changing its subscriber
+list nothing else can run, so each eventfd signal is credited to exactly the
+subscribers present when it was read.
+
+How an MSI-X vector is added (DESIGN.md):
+
+* ``dynamic`` (NORESIZE clear, Linux 6.5+): enable once with ``start=0,
+  count=1, fd=-1`` (enabling at vector N would allocate N+1 host vectors), then
+  one ``count=1`` call per vector. Nothing else is touched.
+* ``prearm`` (NORESIZE set): enable a bounded range once with every fd -1, then
+  assign single vectors inside it. MSI-X is never disabled while vectors live.
+* ``grow`` (NORESIZE set and the vector lies beyond the enabled range): disable,
+  enable again with the same eventfds and -1 for gaps (QEMU's
+  ``vfio_msix_vector_do_use``). Interrupts in that window are lost, so the
+  subscribers of the index get ``resized`` with ``possible_loss`` and then a
+  loopback trigger, which makes them look at their device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from irqd.config import DEFAULT_PREARM_CAP, MsixStrategy
+from irqd.device.base import Device, IrqIndex, IrqInfo
+from irqd.dispatcher import Dispatcher
+from irqd.errors import EBUSY, EINVAL, ENODEV, ENOSPC, ConfigError, IrqdError, device_error
+from irqd.eventfd import EventFd
+
+log = structlog.get_logger("irqd.vectors")
+
+#: INTx, MSI and MSI-X cannot be enabled at the same time (vfio_pci_intrs.c:
+#: "another index active" is EINVAL).
+EXCLUSIVE_INDEXES = frozenset({IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX})
+
+#: The ``how`` of a subscribe, most disruptive last.
+HOW_ORDER = ("already", "dynamic", "prearm", "resize")
+
+
+def make_token(index: IrqIndex, vector: int) -> int:
+    """The dispatcher token for a vector: index in the high half, vector in the low."""
+    return (int(index) << 16) | vector
+
+
+def split_token(token: int) -> tuple[IrqIndex, int]:
+    """Inverse of ``make_token``."""
+    return IrqIndex(token >> 16), token & 0xFFFF
+
+
+class Subscriber(Protocol):
+    """What the table needs from a client session."""
+
+    def add_pending(self, index: IrqIndex, vector: int, count: int) -> None:
+        """Credit ``count`` interrupts of this vector; must not block."""
+
+    def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
+        """Queue a ``resized`` notification; must not block."""
+
+
+@dataclass(eq=False)
+class Vector:
+    """One enabled vector: its eventfd and the sessions that receive it."""
+
+    index: IrqIndex
+    number: int
+    eventfd: EventFd
+    #: Insertion-ordered set of subscribers.
+    subscribers: dict[Subscriber, None] = field(default_factory=dict)
+    #: Every eventfd signal read for this vector since it was enabled.
+    total: int = 0
+
+    @property
+    def token(self) -> int:
+        return make_token(self.index, self.number)
+
+
+@dataclass(frozen=True)
+class SubscribeOutcome:
+    """What a successful subscribe did."""
+
+    vectors: tuple[int, ...]
+    enabled: tuple[int, ...]
+    how: str
+
+
+@dataclass
+class _IndexState:
+    """What the kernel has for one index, as far as the daemon asked for it."""
+
+    active: bool = False
+    #: Host vectors enabled as one range (MSI, or MSI-X when not dynamic).
+    armed: int = 0
+    #: MSI-X vectors the kernel allocated one by one (dynamic); they stay
+    #: allocated after de-assign until the index is disabled.
+    allocated: set[int] = field(default_factory=set)
+
+    def reset(self) -> None:
+        """The index was disabled: the kernel freed every host vector."""
+        self.active = False
+        self.armed = 0
+        self.allocated = set()
+
+
+class VectorTable:
+    """The daemon's record of enabled vectors and their subscribers."""
+
+    def __init__(
+        self,
+        device: Device,
+        dispatcher: Dispatcher,
+        *,
+        msix_strategy: MsixStrategy = MsixStrategy.AUTO,
+        msix_prearm: int | None = None,
+    ) -> None:
+        self.device = device
+        self.dispatcher = dispatcher
+        self.info: dict[IrqIndex, IrqInfo] = device.all_irq_info()
+        self.msix_strategy = resolve_msix_strategy(self.info[IrqIndex.MSIX], msix_strategy)
+        self.msix_prearm = resolve_prearm(self.info[IrqIndex.MSIX], msix_prearm)
+        self._vectors: dict[int, Vector] = {}
+        self._state = {index: _IndexState() for index in IrqIndex}
+        self._closed = False
+
+    # -- queries -----------------------------------------------------------------
+
+    def lookup(self, index: IrqIndex, vector: int) -> Vector | None:
+        """The enabled vector, or ``None``."""
+        return self._vectors.get(make_token(index, vector))
+
+    def vectors(self) -> list[Vector]:
+        """Every enabled vector, ordered by index and number."""
+        return [self._vectors[t] for t in sorted(self._vectors)]
+
+    def enabled(self, index: IrqIndex) -> list[int]:
+        """Numbers of the vectors of ``index`` that have an eventfd assigned."""
+        return sorted(v.number for v in self._vectors.values() if v.index is index)
+
+    def is_active(self, index: IrqIndex) -> bool:
+        """Whether the daemon has enabled ``index`` on the device."""
+        return self._state[index].active
+
+    def host_vectors(self) -> dict[str, int]:
+        """Host interrupt vectors the kernel holds for MSI and MSI-X."""
+        result = {}
+        for index in (IrqIndex.MSI, IrqIndex.MSIX):
+            state = self._state[index]
+            result[index.wire_name] = max(state.armed, len(state.allocated))
+        return result
+
+    def device_info(self) -> dict[str, Any]:
+        """The ``device.info`` result (docs/protocol.md)."""
+        result: dict[str, Any] = {
+            "device": self.device.name,
+            "backend": getattr(self.device, "backend", "sim"),
+            "msix_strategy": str(self.msix_strategy),
+        }
+        for index, info in self.info.items():
+            result[index.wire_name] = {
+                "count": info.count,
+                "flags": info.flags,
+                "noresize": info.noresize,
+                "dynamic": info.dynamic,
+                "active": self._state[index].active,
+                "enabled": self.enabled(index),
+            }
+        return result
+
+    # -- the hot path --------------------------------------------------------------
+
+    def deliver(self, token: int, count: int) -> None:
+        """Credit ``count`` signals read from a vector's eventfd to its subscribers."""
+        vector = self._vectors.get(token)
+        if vector is None:
+            # Only possible for a token the dispatcher reported after the
+            # vector was released in the same round; its count was already
+            # drained and credited at release.
+            return
+        vector.total += count
+        for subscriber in vector.subscribers:
+            subscriber.add_pending(vector.index, vector.number, count)
+
+    def _settle(self, vector: Vector) -> None:
+        """Read what is pending on one eventfd now and credit it to the current subscribers."""
+        count = self.dispatcher.drain_fd(vector.eventfd.fileno())
+        if count:
+            self.deliver(vector.token, count)
+
+    # -- subscribe / unsubscribe -----------------------------------------------------------
+
+    def subscribe(
+        self, subscriber: Subscriber, index: IrqIndex, numbers: Sequence[int]
+    ) -> SubscribeOutcome:
+        """Subscribe to every vector in ``numbers``, enabling those not yet enabled.
+
+        Succeeds whole or changes nothing (``IrqdError`` then).
+        """
+        self._check_open()
+        info = self._check_vectors(index, numbers)
+        new = [n for n in numbers if self.lookup(index, n) is None]
+        if index is IrqIndex.INTX:
+            current = self.lookup(index, 0)
+            if current is not None and any(s is not subscriber for s in current.subscribers):
+                raise IrqdError(
+                    EBUSY,
+                    "INTx is level-triggered and auto-masked: it has one subscriber at a time, "
+                    "and another client holds it",
+                )
+        how = "already"
+        if new:
+            self._make_room_for(index)
+            how = self._enable(index, info, new)
+        for number in numbers:
+            vector = self._vectors[make_token(index, number)]
+            # Signals read before this subscriber joins belong to the others.
+            self._settle(vector)
+            vector.subscribers[subscriber] = None
+        return SubscribeOutcome(vectors=tuple(numbers), enabled=tuple(new), how=how)
+
+    def unsubscribe(
+        self, subscriber: Subscriber, index: IrqIndex, numbers: Sequence[int]
+    ) -> list[int]:
+        """Stop ``subscriber`` receiving these vectors; the last one out de-assigns."""
+        self._check_open()
+        for number in numbers:
+            vector = self.lookup(index, number)
+            if vector is None or subscriber not in vector.subscribers:
+                raise IrqdError(EINVAL, f"not subscribed to {index.wire_name} vector {number}")
+        for number in numbers:
+            vector = self._vectors[make_token(index, number)]
+            # Signals read up to now were raised while it was subscribed.
+            self._settle(vector)
+            del vector.subscribers[subscriber]
+            if not vector.subscribers:
+                self._release(vector)
+        return list(numbers)
+
+    def drop(self, subscriber: Subscriber) -> None:
+        """Remove every subscription of a departing client."""
+        for vector in self.vectors():
+            if subscriber in vector.subscribers:
+                self._settle(vector)
+                del vector.subscribers[subscriber]
+                if not vector.subscribers:
+                    self._release(vector)
+
+    def subscriptions(self, subscriber: Subscriber) -> list[tuple[IrqIndex, int]]:
+        """The (index, vector) pairs ``subscriber`` receives."""
+        return [(v.index, v.number) for v in self.vectors() if subscriber in v.subscribers]
+
+    # -- other requests --------------------------------------------------------------------
+
+    def trigger(self, index: IrqIndex, numbers: Sequence[int]) -> None:
+        """Loopback: ask the kernel to signal these enabled vectors' eventfds."""
+        self._check_open()
+        for number in numbers:
+            if self.lookup(index, number) is None:
+                raise IrqdError(EINVAL, f"{index.wire_name} vector {number} is not enabled")
+        for number in numbers:
+            try:
+                self.device.trigger(index, number, 1)
+            except OSError as exc:
+                raise device_error(exc, f"trigger {index.wire_name} vector {number}") from exc
+
+    def unmask(self, subscriber: Subscriber, index: IrqIndex) -> None:
+        """Re-arm the auto-masked INTx line for its subscriber."""
+        self._check_open()
+        if index is not IrqIndex.INTX:
+            raise IrqdError(
+                EINVAL, "only intx is masked by the kernel; msi and msix need no unmask"
+            )
+        vector = self.lookup(index, 0)
+        if vector is None or subscriber not in vector.subscribers:
+            raise IrqdError(EINVAL, "subscribe to intx before unmasking it")
+        try:
+            self.device.unmask(IrqIndex.INTX)
+        except OSError as exc:
+            raise device_error(exc, "unmask intx") from exc
+
+    def close(self) -> None:
+        """De-assign and disable everything, then close the eventfds (in that order)."""
+        if self._closed:
+            return
+        self._closed = True
+        for index, state in self._state.items():
+            if state.active:
+                with contextlib.suppress(OSError):
+                    self.device.disable(index)
+                state.reset()
+        for vector in list(self._vectors.values()):
+            self._forget(vector)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise IrqdError(ENODEV, "the daemon is shutting down")
+
+    def _check_vectors(self, index: IrqIndex, numbers: Sequence[int]) -> IrqInfo:
+        info = self.info[index]
+        if info.count == 0:
+            raise IrqdError(EINVAL, f"the device has no {index.wire_name} interrupt")
+        for number in numbers:
+            if not 0 <= number < info.count:
+                raise IrqdError(
+                    EINVAL,
+                    f"{index.wire_name} vector {number} is out of range: "
+                    f"the device has {info.count} (0..{info.count - 1})",
+                )
+        return info
+
+    def _make_room_for(self, index: IrqIndex) -> None:
+        """Disable an idle conflicting index, or refuse if one has subscribers."""
+        if index not in EXCLUSIVE_INDEXES:
+            return
+        for other in EXCLUSIVE_INDEXES - {index}:
+            if not self._state[other].active:
+                continue
+            if self.enabled(other):
+                raise IrqdError(
+                    EBUSY,
+                    f"{other.wire_name} is in use; the kernel enables only one of intx, msi "
+                    f"and msix at a time",
+                )
+            self._disable_index(other)
+
+    def _disable_index(self, index: IrqIndex) -> None:
+        try:
+            self.device.disable(index)
+        except OSError as exc:
+            raise device_error(exc, f"disable {index.wire_name}") from exc
+        finally:
+            self._state[index].reset()
+        log.info("index.disabled", index=index.wire_name)
+
+    def _enable(self, index: IrqIndex, info: IrqInfo, numbers: Sequence[int]) -> str:
+        """Give each of ``numbers`` a fresh eventfd on the device; all or nothing."""
+        fds = {n: EventFd() for n in numbers}
+        try:
+            if index is IrqIndex.MSIX:
+                how = self._enable_msix(fds)
+            elif index is IrqIndex.MSI:
+                how = self._enable_ranged(index, fds, info.count)
+            else:
+                self._assign_each(index, fds)
+                self._state[index].active = True
+                how = "dynamic"
+        except BaseException:
+            for efd in fds.values():
+                efd.close()
+            raise
+        for number, efd in fds.items():
+            vector = Vector(index, number, efd)
+            self._vectors[vector.token] = vector
+            self.dispatcher.add(efd.fileno(), vector.token)
+        log.info(
+            "vectors.enabled",
+            index=index.wire_name,
+            vectors=list(numbers),
+            how=how,
+            host_vectors=self.host_vectors().get(index.wire_name),
+        )
+        return how
+
+    def _enable_msix(self, fds: dict[int, EventFd]) -> str:
+        state = self._state[IrqIndex.MSIX]
+        strategy = self.msix_strategy
+        if strategy is MsixStrategy.DYNAMIC:
+            if not state.active:
+                # start=0, count=1, fd=-1: enabling at vector N would allocate N+1.
+                self._arm(IrqIndex.MSIX, 1)
+                state.allocated = {0}
+            self._assign_each(IrqIndex.MSIX, fds)
+            state.allocated.update(fds)
+            return "dynamic"
+        highest = max(fds) + 1
+        if not state.active:
+            size = max(highest, self.msix_prearm if strategy is MsixStrategy.PREARM else 0)
+            self._arm(IrqIndex.MSIX, size, minimum=highest)
+            self._assign_each(IrqIndex.MSIX, fds)
+            return "prearm" if strategy is MsixStrategy.PREARM else "resize"
+        if highest <= state.armed:
+            self._assign_each(IrqIndex.MSIX, fds)
+            return "prearm"
+        self._grow(IrqIndex.MSIX, highest, fds)
+        return "resize"
+
+    def _enable_ranged(self, index: IrqIndex, fds: dict[int, EventFd], count: int) -> str:
+        """MSI: always NORESIZE, at most 32 vectors: arm the whole range once."""
+        if not self._state[index].active:
+            self._arm(index, count, minimum=max(fds) + 1)
+        self._assign_each(index, fds)
+        return "prearm"
+
+    def _arm(self, index: IrqIndex, size: int, *, minimum: int = 1) -> None:
+        """Enable ``index`` with ``size`` host vectors and no eventfd.
+
+        The kernel answers with a positive count when fewer vectors are free;
+        it has then freed them and left the index disabled, so try once more
+        with that count if it still covers ``minimum``.
+        """
+        state = self._state[index]
+        for _attempt in range(2):
+            try:
+                got = self.device.assign_eventfds(index, 0, [-1] * size)
+            except OSError as exc:
+                raise device_error(exc, f"enable {index.wire_name} with {size} vectors") from exc
+            if got == 0:
+                state.active = True
+                state.armed = size
+                return
+            if got < minimum:
+                break
+            size = got
+        raise IrqdError(
+            ENOSPC,
+            f"the host has only {got} {index.wire_name} vectors free; {minimum} are needed",
+        )
+
+    def _assign_each(self, index: IrqIndex, fds: dict[int, EventFd]) -> None:
+        """One ``count=1`` call per vector, undone in reverse if any fails."""
+        done: list[int] = []
+        try:
+            for number, efd in fds.items():
+                try:
+                    self.device.assign_eventfds(index, number, [efd.fileno()])
+                except OSError as exc:
+                    raise device_error(exc, f"assign {index.wire_name} vector {number}") from exc
+                done.append(number)
+        except BaseException:
+            for number in reversed(done):
+                with contextlib.suppress(OSError):
+                    self.device.assign_eventfds(index, number, [-1])
+            raise
+
+    def _grow(self, index: IrqIndex, size: int, fds: dict[int, EventFd]) -> None:
+        """Disable and enable again with a larger range, keeping every eventfd."""
+        state = self._state[index]
+        live = {v.number: v for v in self._vectors.values() if v.index is index}
+        old_size = state.armed
+        log.warning(
+            "msix.resize",
+            index=index.wire_name,
+            old_size=old_size,
+            new_size=size,
+            live=sorted(live),
+            note="interrupts raised while the index is disabled are lost",
+        )
+        # Credit what is already in the eventfds before the window opens.
+        for vector in live.values():
+            self._settle(vector)
+        try:
+            self._set_range(index, size, {n: v.eventfd for n, v in live.items()} | fds)
+        except IrqdError:
+            # Put back what was there; the subscribers may have lost interrupts
+            # either way, so they are told below all the same.
+            with contextlib.suppress(IrqdError):
+                self._set_range(index, old_size, {n: v.eventfd for n, v in live.items()})
+            self._tell_resized(index, live)
+            raise
+        self._tell_resized(index, live)
+
+    def _set_range(self, index: IrqIndex, size: int, fds: dict[int, EventFd]) -> None:
+        state = self._state[index]
+        if state.active:
+            self._disable_index(index)
+        table = [-1] * size
+        for number, efd in fds.items():
+            table[number] = efd.fileno()
+        try:
+            got = self.device.assign_eventfds(index, 0, table)
+        except OSError as exc:
+            raise device_error(exc, f"enable {index.wire_name} with {size} vectors") from exc
+        if got != 0:
+            raise IrqdError(
+                ENOSPC, f"the host has only {got} {index.wire_name} vectors free; {size} needed"
+            )
+        state.active = True
+        state.armed = size
+
+    def _tell_resized(self, index: IrqIndex, live: dict[int, Vector]) -> None:
+        """``resized`` to every subscriber of the index, then a loopback trigger."""
+        if not live:
+            return
+        per_subscriber: dict[Subscriber, list[int]] = {}
+        for number, vector in sorted(live.items()):
+            for subscriber in vector.subscribers:
+                per_subscriber.setdefault(subscriber, []).append(number)
+        for subscriber, numbers in per_subscriber.items():
+            subscriber.post_resized(index, numbers, True)
+        for number in sorted(live):
+            with contextlib.suppress(OSError):
+                self.device.trigger(index, number, 1)
+
+    def _release(self, vector: Vector) -> None:
+        """De-assign on the device, then stop polling, then close (vfio-notes.md)."""
+        index = vector.index
+        try:
+            if index is IrqIndex.INTX:
+                # Disable INTx entirely so that MSI or MSI-X can be enabled later.
+                self._disable_index(index)
+            else:
+                self.device.assign_eventfds(index, vector.number, [-1])
+        except (OSError, IrqdError) as exc:
+            log.error(
+                "vector.release_failed",
+                index=index.wire_name,
+                vector=vector.number,
+                error=str(exc),
+            )
+        self._forget(vector)
+        log.info(
+            "vectors.released",
+            index=index.wire_name,
+            vectors=[vector.number],
+            total=vector.total,
+        )
+
+    def _forget(self, vector: Vector) -> None:
+        self._vectors.pop(vector.token, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.dispatcher.remove(vector.eventfd.fileno())
+        vector.eventfd.close()
+
+
+def resolve_msix_strategy(info: IrqInfo, wanted: MsixStrategy) -> MsixStrategy:
+    """The strategy to use for this device's MSI-X, given what was asked for."""
+    if wanted is MsixStrategy.AUTO:
+        return MsixStrategy.DYNAMIC if info.dynamic else MsixStrategy.PREARM
+    if wanted is MsixStrategy.DYNAMIC and info.count and not info.dynamic:
+        raise ConfigError(
+            "--msix-strategy dynamic: the device reports VFIO_IRQ_INFO_NORESIZE for MSI-X "
+            "(dynamic MSI-X needs Linux 6.5+ and a platform that allocates vectors "
+            "dynamically); use auto, prearm or grow"
+        )
+    return wanted
+
+
+def resolve_prearm(info: IrqInfo, wanted: int | None) -> int:
+    """The size of the pre-armed MSI-X range."""
+    if wanted is None:
+        return max(1, min(info.count, DEFAULT_PREARM_CAP))
+    if not 1 <= wanted <= max(info.count, 1):
+        raise ConfigError(
+            f"--msix-prearm {wanted}: must be between 1 and the MSI-X table size ({info.count})"
+        )
+    return wanted
+
+
+def merge_how(values: Iterable[str]) -> str:
+    """The most disruptive of several ``how`` values."""
+    return max(values, key=HOW_ORDER.index, default="already")

@@ -1,0 +1,1 @@
+"""Tests of irqproto, the wire protocol library."""
