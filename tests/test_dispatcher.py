@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import trio
 import trio.testing
+
 from irqd import dispatcher as dispatcher_module
 from irqd.dispatcher import Dispatcher, DrainResult
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from irqd.eventfd import EVENTFD_MAX, ClosedEventFdError, EventFd, is_eventfd
 
 

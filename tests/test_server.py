@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import structlog.testing
 import trio
 
 from irqd.config import MsixStrategy, ServerConfig, SimConfig
@@ -300,3 +301,34 @@ async def raw_read_irq_total(sock: trio.socket.SocketType, *, until: int) -> int
                     flat = message[2][1]
                     total += sum(flat[1::2])
     return total
+
+
+async def test_a_client_leaving_with_unread_data_is_an_ordinary_disconnect(
+    daemon: Daemon,
+) -> None:
+    path = sock_path(daemon)
+    async with open_client(path, client_name="stays") as stays:
+        await stays.subscribe("msix", [0])
+        with structlog.testing.capture_logs() as logs:
+            leaver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await leaver.connect(path)
+            with leaver:
+                await raw_call(leaver, 1, "hello", [{"client": "leaver", "protocol": 1}])
+                await raw_call(leaver, 2, "subscribe", ["msix", [0]])
+                await stays.trigger("msix", [0])
+                await collect(stays, {0: 1})
+                # The leaver's irq notification is unread in its buffer now:
+                # closing makes the kernel reset the connection (ECONNRESET).
+            with trio.fail_after(5):
+                while any(s.name == "leaver" for s in daemon.sessions.values()):
+                    await trio.sleep(0.01)
+        events = [entry["event"] for entry in logs]
+        assert "client.crashed" not in events
+        (gone,) = [e for e in logs if e["event"] == "client.disconnected"]
+        assert gone["name"] == "leaver"
+        assert gone["reason"].startswith(("socket error", "closed by client")), gone
+        # Everyone else goes on, and shutdown still reaches them.
+        await stays.trigger("msix", [0])
+        await collect(stays, {0: 1})
+        await daemon.shutdown("test")
+        assert await stays.notifications().__anext__() == ShutdownNotification("test")

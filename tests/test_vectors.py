@@ -295,3 +295,14 @@ def test_close_disables_the_device(dynamic: Rig) -> None:
     with pytest.raises(IrqdError) as info:
         dynamic.table.subscribe(a, MSIX, [1])
     assert info.value.code == "ENODEV"
+
+
+def test_a_device_without_pcie_has_no_err_index() -> None:
+    sim = SimDevice(msix_vectors=4, pcie=False)
+    with Dispatcher() as dispatcher:
+        table = VectorTable(sim, dispatcher)
+        assert table.device_info()["err"]["count"] == 0
+        with pytest.raises(IrqdError, match="no err"):
+            table.subscribe(Recorder("a"), IrqIndex.ERR, [0])
+        table.close()
+    sim.close()

@@ -23,15 +23,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
-from irqproto.blocking import Client
-from irqproto.errors import Disconnected, RpcError
-from irqproto.notifications import (
-    DeviceLostNotification,
-    IrqNotification,
-    ResizedNotification,
-    ShutdownNotification,
-)
-
 from irqd import __version__
 from irqd.config import (
     DEFAULT_SOCKET_DIR,
@@ -43,6 +34,14 @@ from irqd.config import (
 )
 from irqd.firing import fire
 from irqd.logsetup import FORMATS, LEVELS, configure_logging
+from irqproto.blocking import Client
+from irqproto.errors import Disconnected, RpcError
+from irqproto.notifications import (
+    DeviceLostNotification,
+    IrqNotification,
+    ResizedNotification,
+    ShutdownNotification,
+)
 
 __all__ = [
     "INDEXES",
@@ -444,11 +443,22 @@ def format_irq(index: str, counts: Sequence[tuple[int, int]], totals: dict[int, 
     return "  ".join([f"{index:<4}", *cells])
 
 
+class _ReaderGone(Exception):
+    """Our stdout was closed by its reader (``vfio-irqd watch | head``).
+
+    Not an ``OSError``: a ``BrokenPipeError`` from stdout must not be mistaken
+    for the daemon's socket breaking.
+    """
+
+
 def _emit(out: TextIO, text: str) -> None:
     # Flushed per line: watch is read through pipes (scripts, the demo), and a
     # line stuck in a block buffer is an interrupt the reader never sees.
-    out.write(text + "\n")
-    out.flush()
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except BrokenPipeError:
+        raise _ReaderGone from None
 
 
 def _now_iso() -> str:
@@ -598,6 +608,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 )
             return 0
 
+    # Ctrl-C is the normal way to stop watching; make sure it raises even if
+    # the parent started us with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run_client(run)
     except KeyboardInterrupt:
@@ -801,8 +814,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return exc.status
-    except BrokenPipeError:
-        # `vfio-irqd watch | head`: the reader left; that is not an error.
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the exit-time flush
+    except _ReaderGone:
+        # `vfio-irqd watch | head`: the reader left, which is how such a
+        # pipeline ends, not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not complain about the pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 0

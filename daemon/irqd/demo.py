@@ -30,11 +30,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
-from irqproto.blocking import Client
-
 from irqd.cli import INDEXES
+from irqproto.blocking import Client
 
 __all__ = ["main", "wait_for_socket"]
 
@@ -284,6 +284,7 @@ def run_demo(duration: float | None, out: IO[str]) -> int:
     finally:
         # A second Ctrl-C must not cut the cleanup short: every wait below is bounded.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             demo.say("stopping: fire, then the daemon (watch sees its shutdown)")
             for name in ("fire", "daemon", "watch"):
@@ -292,6 +293,7 @@ def run_demo(duration: float | None, out: IO[str]) -> int:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
     demo.say(f"{demo.interrupts} interrupts seen by watch")
     if not ok or demo.interrupts == 0:
         demo.say("no interrupts arrived" if ok else "the demo did not run to the end")
@@ -314,7 +316,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.duration is not None and not args.duration > 0:
         parser.error("--duration must be positive")
+    # Explicit handlers: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and SIGTERM (systemd,
+    # timeout(1), a test harness) should clean up like Ctrl-C. Handled (not
+    # ignored) signals are reset to their default in the children, so they
+    # get their own Ctrl-C behaviour back too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
     return run_demo(args.duration, sys.stdout)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -143,12 +143,19 @@ class Daemon:
             task_status.started()
 
     async def shutdown(self, reason: str) -> None:
-        """Tell every client, give each a moment to read it."""
+        """Tell every client; all together get ``SHUTDOWN_FLUSH_SECONDS`` to read it."""
         notification = ShutdownNotification(reason)
-        for session in list(self.sessions.values()):
-            session.post(notification)
-            with trio.move_on_after(SHUTDOWN_FLUSH_SECONDS):
-                await session.flush()
+        with trio.move_on_after(SHUTDOWN_FLUSH_SECONDS):
+            async with trio.open_nursery() as nursery:
+                for session in list(self.sessions.values()):
+                    session.post(notification)
+                    nursery.start_soon(self._flush_quietly, session)
+
+    @staticmethod
+    async def _flush_quietly(session: Session) -> None:
+        # A client may be leaving at this very moment; that is its business.
+        with contextlib.suppress(OSError, trio.ClosedResourceError):
+            await session.flush()
 
     def close(self) -> None:
         """Disable every index, then close eventfds, the epoll set and the device."""
@@ -196,11 +203,10 @@ class Daemon:
             reason = "closed"
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(session.run_sender)
+                    nursery.start_soon(self._send_until_broken, session, nursery.cancel_scope)
                     reason = await self._read_requests(session)
                     nursery.cancel_scope.cancel()
-            except (OSError, trio.BrokenResourceError) as exc:
-                reason = f"socket error: {exc}"
+                reason = session.close_reason or reason
             except Exception as exc:
                 # Never let one client take the daemon down; log it loudly.
                 bound.exception("client.crashed")
@@ -219,7 +225,24 @@ class Daemon:
                 subscriptions_dropped=subscriptions,
             )
 
+    @staticmethod
+    async def _send_until_broken(session: Session, scope: trio.CancelScope) -> None:
+        """The session's sender; a peer that went away ends the whole session."""
+        try:
+            await session.run_sender()
+        except OSError as exc:
+            session.close_reason = f"socket error: {exc.strerror or exc}"
+            scope.cancel()
+
     async def _read_requests(self, session: Session) -> str:
+        """Answer requests in order until the peer leaves; returns why it ended."""
+        try:
+            return await self._read_requests_until_closed(session)
+        except OSError as exc:
+            # ECONNRESET, EPIPE: the peer closed with data unread. An ordinary end.
+            return f"socket error: {exc.strerror or exc}"
+
+    async def _read_requests_until_closed(self, session: Session) -> str:
         conn = Connection()
         while True:
             data = await session.sock.recv(RECV_SIZE)

@@ -85,6 +85,8 @@ class Session:
         self.requests = 0
         self.delivered = 0
         self.notifications = 0
+        #: Why the output path gave up, when it was the one to end the session.
+        self.close_reason: str | None = None
         self._pending: dict[IrqIndex, dict[int, int]] = {}
         self._pending_since_ns = 0
         self._resized: dict[IrqIndex, tuple[set[int], bool]] = {}

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+
 from irqd.device import Device, IrqIndex, SimDevice
 
 

@@ -13,6 +13,7 @@ import errno
 import os
 
 import pytest
+
 from irqd.device import (
     VFIO_IRQ_INFO_AUTOMASKED,
     VFIO_IRQ_INFO_EVENTFD,

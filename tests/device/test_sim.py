@@ -7,6 +7,7 @@ import errno
 import os
 
 import pytest
+
 from irqd.device import (
     VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_DATA_EVENTFD,

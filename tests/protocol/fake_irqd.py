@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
+
 from irqproto import NEED_DATA, Connection, ConnectionClosed, Request
 
 

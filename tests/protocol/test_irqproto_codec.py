@@ -7,6 +7,7 @@ from typing import Any
 import msgpack
 import msgpack.fallback
 import pytest
+
 from irqproto import (
     E2BIG,
     EPROTO,

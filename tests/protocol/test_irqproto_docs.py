@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+
 from irqproto import NEED_DATA, Connection
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"

@@ -6,6 +6,7 @@ from typing import Any
 
 import msgpack
 import pytest
+
 from irqproto import (
     DeviceLostNotification,
     IrqNotification,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+
 from irqproto import (
     Disconnected,
     IrqNotification,

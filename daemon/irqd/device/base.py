@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -159,5 +160,17 @@ class Device(abc.ABC):
         self.set_irqs(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_MASK, index, start, count)
 
     def all_irq_info(self) -> dict[IrqIndex, IrqInfo]:
-        """``irq_info`` for every index."""
-        return {index: self.irq_info(index) for index in IrqIndex}
+        """``irq_info`` for every index; one the device lacks reads as count 0.
+
+        The kernel answers GET_IRQ_INFO for ERR with EINVAL on a device that is
+        not PCI Express (vfio_pci_core.c, ``vfio_pci_ioctl_get_irq_info``).
+        """
+        result = {}
+        for index in IrqIndex:
+            try:
+                result[index] = self.irq_info(index)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                result[index] = IrqInfo(index, 0, 0)
+        return result
