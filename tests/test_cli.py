@@ -23,10 +23,11 @@ from typing import IO, Any
 import pytest
 import structlog
 
-from irqd.cli import build_parser, format_irq, format_ranges, main, normalize_bdf
+from irqd.cli import build_parser, main, normalize_bdf
 from irqd.demo import wait_for_socket
 from irqd.firing import fire
 from irqd.logsetup import configure_logging
+from irqd.render import format_irq, format_ranges
 from irqproto.blocking import Client
 
 #: Upper bound for anything that should take well under a second.

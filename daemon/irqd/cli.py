@@ -17,7 +17,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -34,6 +34,7 @@ from irqd.config import (
 )
 from irqd.firing import fire
 from irqd.logsetup import FORMATS, LEVELS, configure_logging
+from irqd.render import INDEXES, format_irq, format_ranges, render_status
 from irqproto.blocking import Client
 from irqproto.errors import Disconnected, RpcError
 from irqproto.notifications import (
@@ -43,33 +44,16 @@ from irqproto.notifications import (
     ShutdownNotification,
 )
 
-__all__ = [
-    "INDEXES",
-    "CliError",
-    "build_parser",
-    "format_irq",
-    "format_ranges",
-    "main",
-    "normalize_bdf",
-]
+__all__ = ["CliError", "build_parser", "main", "normalize_bdf"]
 
 PROG = "vfio-irqd"
 
-#: IRQ index names as the protocol spells them (VFIO_PCI_*_IRQ_INDEX order).
-INDEXES = ("intx", "msi", "msix", "err", "req")
 
 #: Largest MSI-X table the PCI spec allows (Table Size is 11 bits, N-1 encoded).
 MAX_MSIX_VECTORS = 2048
 #: Largest MSI vector count (Multiple Message Capable tops out at 32).
 MAX_MSI_VECTORS = 32
 
-#: vfio_irq_info.flags bits (include/uapi/linux/vfio.h), for ``status``.
-_IRQ_FLAG_NAMES = (
-    (1 << 0, "eventfd"),
-    (1 << 1, "maskable"),
-    (1 << 2, "automasked"),
-    (1 << 3, "noresize"),
-)
 
 _BDF_RE = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 
@@ -420,29 +404,6 @@ def _run_client(func: Callable[[], _T]) -> _T:
         raise CliError(f"lost the connection to the daemon: {exc}") from None
 
 
-def format_ranges(numbers: Iterable[int]) -> str:
-    """``0-3,7`` for ``[0, 1, 2, 3, 7]``; ``-`` for none."""
-    ordered = sorted(set(numbers))
-    if not ordered:
-        return "-"
-    parts: list[str] = []
-    start = prev = ordered[0]
-    for n in [*ordered[1:], None]:
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if n is not None:
-            start = prev = n
-    return ",".join(parts)
-
-
-def format_irq(index: str, counts: Sequence[tuple[int, int]], totals: dict[int, int]) -> str:
-    """``msix  v0 +3 (total 12)  v2 +1 (total 4)``; ``totals`` already includes ``counts``."""
-    cells = [f"v{vector} +{count} (total {totals.get(vector, count)})" for vector, count in counts]
-    return "  ".join([f"{index:<4}", *cells])
-
-
 class _ReaderGone(Exception):
     """Our stdout was closed by its reader (``vfio-irqd watch | head``).
 
@@ -633,129 +594,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
     return _run_client(run)
-
-
-def _flag_names(flags: int) -> str:
-    names = [name for bit, name in _IRQ_FLAG_NAMES if flags & bit]
-    return ",".join(names) or "-"
-
-
-def _table(
-    headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  "
-) -> list[str]:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    # Numbers right-aligned (and their headers with them) so magnitudes line up.
-    numeric = [bool(rows) and all(isinstance(r[i], int) for r in rows) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        padded = (
-            c.rjust(w) if num else c.ljust(w)
-            for c, w, num in zip(row, widths, numeric, strict=True)
-        )
-        return (indent + "  ".join(padded)).rstrip()
-
-    return [line(headers), *(line(r) for r in cells)]
-
-
-def _percentile(bounds: Sequence[int], counts: Sequence[int], fraction: float) -> int | None:
-    total = sum(counts)
-    if not total:
-        return None
-    running = 0
-    for bound, count in zip(bounds, counts, strict=False):
-        running += count
-        if running >= fraction * total:
-            return bound
-    return bounds[-1] if bounds else None
-
-
-def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
-    """The human ``status`` report for a ``device.info`` and a ``stats`` result."""
-    lines: list[str] = []
-    uptime = stats.get("uptime_s")
-    up = f"   up {uptime:.1f} s" if isinstance(uptime, (int, float)) else ""
-    lines.append(f"device    {info.get('device', '?')}   backend {info.get('backend', '?')}{up}")
-    strategy = info.get("msix_strategy", stats.get("msix_strategy", "?"))
-    host = stats.get("host_vectors") or {}
-    host_text = ", ".join(f"{k} {v}" for k, v in sorted(host.items())) or "-"
-    lines.append(f"msix      strategy {strategy}   host vectors: {host_text}")
-    lines.append("")
-
-    rows = []
-    for index in INDEXES:
-        entry = info.get(index)
-        if not isinstance(entry, dict):
-            continue
-        mode = "dynamic" if entry.get("dynamic") else ("noresize" if entry.get("noresize") else "-")
-        rows.append(
-            [
-                index,
-                entry.get("count", 0),
-                _flag_names(int(entry.get("flags", 0))),
-                mode,
-                "yes" if entry.get("active") else "no",
-                format_ranges(entry.get("enabled", [])),
-            ]
-        )
-    lines.append("interrupt indexes")
-    lines += _table(["index", "count", "flags", "resize", "active", "enabled"], rows)
-    lines.append("")
-
-    vectors = stats.get("vectors", [])
-    lines.append("vectors")
-    if vectors:
-        lines += _table(
-            ["index", "vector", "total", "subscribers"],
-            [[v["index"], v["vector"], v["count"], v["subscribers"]] for v in vectors],
-        )
-    else:
-        lines.append("  (none enabled)")
-    lines.append("")
-
-    # Leave out the connection this very command is reading stats over.
-    clients = [c for c in stats.get("clients", []) if c.get("pid") != os.getpid()]
-    lines.append("clients")
-    if clients:
-        rows = []
-        for c in clients:
-            by_index: dict[str, list[int]] = {}
-            for index, number in c.get("vectors", []):
-                by_index.setdefault(index, []).append(number)
-            subs = " ".join(f"{i} {format_ranges(ns)}" for i, ns in by_index.items()) or "-"
-            rows.append(
-                [
-                    c.get("id", "?"),
-                    c.get("name") or "?",
-                    c.get("pid", "?"),
-                    c.get("uid", "?"),
-                    c.get("pending", 0),
-                    c.get("delivered", "-"),
-                    subs,
-                ]
-            )
-        lines += _table(["id", "name", "pid", "uid", "pending", "delivered", "vectors"], rows)
-    else:
-        lines.append("  (none)")
-    lines.append("")
-
-    dispatch = stats.get("dispatch", {})
-    lines.append(
-        f"dispatch  rounds {dispatch.get('rounds', 0)}   events {dispatch.get('events', 0)}   "
-        f"native {'yes' if dispatch.get('native') else 'no'}"
-    )
-    latency = stats.get("latency_us", {})
-    bounds, counts = latency.get("bounds", []), latency.get("counts", [])
-    total = sum(counts)
-    if total:
-        marks = [
-            f"{label} <= {_percentile(bounds, counts, q)} us"
-            for label, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
-        ]
-        lines.append(f"latency   deliveries {total}   " + "   ".join(marks))
-    else:
-        lines.append("latency   no deliveries yet")
-    return "\n".join(lines)
 
 
 def cmd_sim_fire(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from irqd.cli import INDEXES
+from irqd.render import INDEXES
 from irqproto.blocking import Client
 
 __all__ = ["main", "wait_for_socket"]

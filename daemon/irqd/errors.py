@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import errno
 
-# Codes of DESIGN.md's protocol (docs/protocol.md); EIO is an extension for a
-# device call that failed in a way no other code describes.
-EINVAL = "EINVAL"
-ENOSPC = "ENOSPC"
-EBUSY = "EBUSY"
-EACCES = "EACCES"
-ENODEV = "ENODEV"
-EPROTO = "EPROTO"
-E2BIG = "E2BIG"
-ENOSYS = "ENOSYS"
-EIO = "EIO"
+from irqproto.errors import (
+    E2BIG,
+    EACCES,
+    EBUSY,
+    EINVAL,
+    EIO,
+    ENODEV,
+    ENOSPC,
+    ENOSYS,
+    EPROTO,
+)
+
+__all__ = [
+    "E2BIG",
+    "EACCES",
+    "EBUSY",
+    "EINVAL",
+    "EIO",
+    "ENODEV",
+    "ENOSPC",
+    "ENOSYS",
+    "EPROTO",
+    "ConfigError",
+    "IrqdError",
+    "device_error",
+]
 
 _ERRNO_CODES = {
     errno.EINVAL: EINVAL,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 
 #: Upper bounds (µs) of the latency buckets: powers of two from 1 µs to ~1 s.
 LATENCY_BOUNDS_US: tuple[int, ...] = tuple(1 << i for i in range(21))
@@ -31,17 +32,25 @@ class LatencyHistogram:
 
     def percentile_us(self, fraction: float) -> int | None:
         """The bucket bound below which ``fraction`` of observations fall, or ``None``."""
-        total = self.total()
-        if not total:
-            return None
-        wanted = fraction * total
-        running = 0
-        for bound, count in zip(LATENCY_BOUNDS_US, self.counts, strict=True):
-            running += count
-            if running >= wanted:
-                return bound
-        return LATENCY_BOUNDS_US[-1]
+        return bucket_percentile(LATENCY_BOUNDS_US, self.counts, fraction)
 
     def as_wire(self) -> dict[str, list[int]]:
         """The ``latency_us`` part of the ``stats`` result."""
         return {"bounds": list(LATENCY_BOUNDS_US), "counts": list(self.counts)}
+
+
+def bucket_percentile(bounds: Sequence[int], counts: Sequence[int], fraction: float) -> int | None:
+    """The upper bound of the bucket holding the ``fraction`` quantile; ``None`` if empty.
+
+    Works on the wire form too (``stats``' ``latency_us``), so clients share it.
+    """
+    total = sum(counts)
+    if not total or not bounds:
+        return None
+    wanted = fraction * total
+    running = 0
+    for bound, count in zip(bounds, counts, strict=False):
+        running += count
+        if running >= wanted:
+            return bound
+    return bounds[-1]

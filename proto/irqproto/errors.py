@@ -18,6 +18,7 @@ __all__ = [
     "EACCES",
     "EBUSY",
     "EINVAL",
+    "EIO",
     "ENODEV",
     "ENOSPC",
     "ENOSYS",
@@ -49,8 +50,11 @@ E2BIG = "E2BIG"
 #: Unknown method (an extension of DESIGN.md's list, in the spirit of errno).
 ENOSYS = "ENOSYS"
 
+#: A device call failed in a way no other code describes (an extension too).
+EIO = "EIO"
+
 #: Every code the server may answer with; clients must accept others too.
-ERROR_CODES = (EINVAL, ENOSPC, EBUSY, EACCES, ENODEV, EPROTO, E2BIG, ENOSYS)
+ERROR_CODES = (EINVAL, ENOSPC, EBUSY, EACCES, ENODEV, EPROTO, E2BIG, ENOSYS, EIO)
 
 
 class ProtocolError(Exception):
