@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SOURCES := proto/irqproto daemon/irqd tests bench
 
-.PHONY: all install run test lint typecheck pytest bench clean
+.PHONY: all install run test lint typecheck pytest systemd-tools bench clean
 
 all: test
 
@@ -26,8 +26,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict proto/irqproto daemon/irqd tests bench
 
-pytest: $(STAMP)
+pytest: $(STAMP) systemd-tools
 	$(PY) -m pytest
+
+# systemd-analyze and systemd-socket-activate for tests/service/test_units.py.
+systemd-tools:
+	sh scripts/install-systemd-tools
+
+# tmux (the terminal test of `top`), cc and node/npm (the foreign clients):
+# installed from Debian's packages when missing and we are root.
+pytest: test-tools
+.PHONY: test-tools
+test-tools:
+	bash scripts/install-test-tools
 
 test: lint typecheck pytest
 
@@ -38,6 +49,23 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The decoder fuzz target for FUZZ_SECONDS: atheris (coverage-guided) when it
+# installs, else hypothesis at scale. `make test` runs it briefly.
+.PHONY: fuzz
+FUZZ_SECONDS ?= 120
+fuzz: $(STAMP)
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris || true
+	$(PY) -m tests.security.fuzz_decoder -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
+
+# 64 client processes connecting, subscribing and leaving (some SIGKILLed) for
+# SOAK_CYCLES connection cycles while interrupts fire; checks exact counts and a
+# flat fd count and RSS. Bounded by SOAK_SECONDS. `make test` runs a short one.
+.PHONY: soak
+SOAK_CYCLES ?= 10000
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(PY) bench/soak.py --clients 64 --cycles $(SOAK_CYCLES) --max-seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -252,12 +252,15 @@ def test_device_without_vfio_backend_is_a_clear_error(capsys: pytest.CaptureFixt
 
 
 def test_parser_defaults() -> None:
+    # serve's overridable flags stay None: the config file fills them in, then
+    # the built-in defaults (auto, 0660, info, auto) do; see tests/test_configfile.py.
     args = build_parser().parse_args(["serve"])
-    assert (args.device, args.sim, args.msix_strategy, args.socket_mode) == (
+    assert (args.device, args.sim, args.msix_strategy, args.socket_mode, args.log_level) == (
         None,
         False,
-        "auto",
-        0o660,
+        None,
+        None,
+        None,
     )
     args = build_parser().parse_args(["sim", "fire", "3"])
     assert (args.index, args.count, args.rate, args.vectors) == ("msix", 1, None, [3])

@@ -1,4 +1,4 @@
-"""The ``vfio-irqd`` command: ``serve``, ``watch``, ``status`` and ``sim fire``.
+"""The ``vfio-irqd`` command: ``serve``, ``watch``, ``status``, ``top``, ``ping``, ``sim fire``.
 
 ``serve`` runs the daemon; the other commands are small clients of its socket
 built on :mod:`irqproto.blocking`. Exit codes: 0 success, 1 a runtime failure
@@ -32,6 +32,7 @@ from irqd.config import (
     SimConfig,
     default_socket_path,
 )
+from irqd.configfile import ConfigFileError, FileSettings, default_config_path, load_settings
 from irqd.firing import fire
 from irqd.logsetup import FORMATS, LEVELS, configure_logging
 from irqd.render import INDEXES, format_irq, format_ranges, render_status
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_watch(commands)
     _add_status(commands)
+    _add_top(commands)
+    _add_ping(commands)
 
     sim = commands.add_parser(
         "sim",
@@ -207,8 +210,11 @@ def _add_serve(commands: Any) -> None:
             "  vfio-irqd serve --sim --socket /tmp/irqd.sock\n"
             "  vfio-irqd serve --sim --sim-vectors 16 --sim-noresize --msix-strategy grow\n"
             "  vfio-irqd serve --device 0000:03:00.0 --log-format json\n"
+            "  vfio-irqd serve --device 0000:03:00.0 --wait --config /etc/vfio-irqd/x.toml\n"
             "\n"
-            "Logs go to stdout: readable on a terminal, JSON lines otherwise (journald)."
+            "Logs go to stdout: readable on a terminal, JSON lines otherwise (journald).\n"
+            "Signals: SIGTERM/SIGINT stop, SIGHUP reloads the config file, SIGUSR2 hands\n"
+            "everything to the next process through systemd's fd store (exit 75)."
         ),
     )
     _add_socket(serve, with_device=False)
@@ -229,6 +235,7 @@ def _add_serve(commands: Any) -> None:
     device.add_argument(
         "--sim-noresize",
         action="store_true",
+        default=None,
         help="report VFIO_IRQ_INFO_NORESIZE for MSI-X, like a kernel before 6.5",
     )
     device.add_argument(
@@ -241,7 +248,6 @@ def _add_serve(commands: Any) -> None:
     msix.add_argument(
         "--msix-strategy",
         choices=[s.value for s in MsixStrategy],
-        default=MsixStrategy.AUTO.value,
         help="how vectors are added to a running device (default auto: dynamic if the "
         "kernel allows it, else prearm)",
     )
@@ -256,15 +262,26 @@ def _add_serve(commands: Any) -> None:
         "--socket-mode",
         metavar="OCTAL",
         type=_octal_mode,
-        default=0o660,
         help="permission bits of the socket (default 660)",
     )
-    svc.add_argument("--log-level", choices=list(LEVELS), default="info", help="default info")
+    svc.add_argument("--log-level", choices=list(LEVELS), help="default info")
     svc.add_argument(
         "--log-format",
         choices=list(FORMATS),
-        default="auto",
         help="auto: console on a terminal, JSON lines otherwise (default)",
+    )
+    svc.add_argument(
+        "--config",
+        metavar="PATH",
+        type=Path,
+        help="TOML settings (default: /etc/vfio-irqd/<instance>.toml if it exists); "
+        "flags override it; SIGHUP reads it again",
+    )
+    svc.add_argument(
+        "--wait",
+        action="store_true",
+        default=None,
+        help="wait until --device is bound to vfio-pci, then open it",
     )
     serve.set_defaults(func=cmd_serve, parser=serve)
 
@@ -316,7 +333,9 @@ def _add_status(commands: Any) -> None:
     )
     _add_socket(status, with_device=True)
     status.add_argument(
-        "--json", action="store_true", help='print {"device": ..., "stats": ...} as JSON'
+        "--json",
+        action="store_true",
+        help='print {"server", "protocol", "device", "stats"} as JSON (docs/cli.md)',
     )
     status.set_defaults(func=cmd_status, parser=status)
 
@@ -429,37 +448,76 @@ def _now_iso() -> str:
 # -- commands ------------------------------------------------------------------------------
 
 
+def _file_settings(args: argparse.Namespace) -> FileSettings:
+    """The config file's settings: ``--config``, else ``/etc/vfio-irqd/<instance>.toml``
+    if it exists, else none. ``CliError`` (exit 2) naming file, key and reason."""
+    try:
+        if args.config is not None:
+            return load_settings(Path(args.config))
+        path = default_config_path(args.device or "sim")
+        if path.exists():
+            return load_settings(path)
+    except ConfigFileError as exc:
+        raise CliError(str(exc), status=2) from None
+    return FileSettings()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``serve``: validate, build the :class:`ServerConfig`, configure logging, run."""
+    """``serve``: merge flags over the config file, validate, configure logging, run.
+
+    A flag given on the command line wins over the file, the file over the
+    built-in default.
+    """
     parser: argparse.ArgumentParser = args.parser
+    file = _file_settings(args)
+
+    def pick(flag_value: _T | None, file_value: _T | None, default: _T) -> _T:
+        if flag_value is not None:
+            return flag_value
+        return file_value if file_value is not None else default
+
+    given = {
+        name
+        for name, value in (
+            ("device", args.device),
+            ("socket_path", args.socket),
+            ("socket_mode", args.socket_mode),
+            ("msix_strategy", args.msix_strategy),
+            ("msix_prearm", args.msix_prearm),
+            ("log_level", args.log_level),
+            ("log_format", args.log_format),
+        )
+        if value is not None
+    }
+    device = args.device if args.device is not None or args.sim else file.device
     sim_flags = [
         flag
-        for flag, given in (
-            ("--sim-vectors", args.sim_vectors is not None),
+        for flag, value in (
+            ("--sim-vectors", args.sim_vectors),
             ("--sim-noresize", args.sim_noresize),
-            ("--sim-msi-vectors", args.sim_msi_vectors is not None),
+            ("--sim-msi-vectors", args.sim_msi_vectors),
         )
-        if given
+        if value is not None
     ]
-    strategy = MsixStrategy(args.msix_strategy)
-    if args.device is not None and sim_flags:
+    strategy = MsixStrategy(pick(args.msix_strategy, file.msix_strategy, MsixStrategy.AUTO.value))
+    prearm = pick(args.msix_prearm, file.msix_prearm, None)
+    if device is not None and sim_flags:
         parser.error(f"{', '.join(sim_flags)}: only for the simulated device, not with --device")
-    if args.msix_prearm is not None and strategy not in (MsixStrategy.AUTO, MsixStrategy.PREARM):
+    if args.wait and device is None:
+        parser.error("--wait: waits for a real device to be bound to vfio-pci; give --device")
+    if prearm is not None and strategy not in (MsixStrategy.AUTO, MsixStrategy.PREARM):
         parser.error(
             f"--msix-prearm only applies to --msix-strategy auto or prearm, not {strategy}"
         )
     sim = SimConfig(
-        msix_vectors=args.sim_vectors if args.sim_vectors is not None else SimConfig.msix_vectors,
-        noresize=args.sim_noresize,
-        msi_vectors=(
-            args.sim_msi_vectors if args.sim_msi_vectors is not None else SimConfig.msi_vectors
-        ),
+        msix_vectors=pick(args.sim_vectors, file.sim_vectors, SimConfig.msix_vectors),
+        noresize=pick(args.sim_noresize, file.sim_noresize, SimConfig.noresize),
+        msi_vectors=pick(args.sim_msi_vectors, file.sim_msi_vectors, SimConfig.msi_vectors),
     )
-    if args.device is None:
-        if args.msix_prearm is not None and args.msix_prearm > sim.msix_vectors:
+    if device is None:
+        if prearm is not None and prearm > sim.msix_vectors:
             parser.error(
-                f"--msix-prearm {args.msix_prearm} exceeds the MSI-X table "
-                f"(--sim-vectors {sim.msix_vectors})"
+                f"--msix-prearm {prearm} exceeds the MSI-X table (--sim-vectors {sim.msix_vectors})"
             )
         if strategy is MsixStrategy.DYNAMIC and sim.noresize:
             parser.error(
@@ -470,21 +528,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The VFIO backend is a separate module; until it is part of the build a
         # real device cannot be opened, and saying so beats a traceback.
         parser.error(
-            f"--device {args.device}: the VFIO backend is not part of this build yet; "
+            f"--device {device}: the VFIO backend is not part of this build yet; "
             "use --sim to run the simulated device"
         )
 
+    socket_file = Path(args.socket) if args.socket is not None else file.socket_path
     config = ServerConfig(
-        socket_path=Path(args.socket)
-        if args.socket is not None
-        else default_socket_path(args.device or "sim"),
-        device=args.device,
+        socket_path=socket_file
+        if socket_file is not None
+        else default_socket_path(device or "sim"),
+        device=device,
         sim=sim,
         msix_strategy=strategy,
-        msix_prearm=args.msix_prearm,
-        socket_mode=args.socket_mode,
+        msix_prearm=prearm,
+        socket_mode=pick(args.socket_mode, file.socket_mode, 0o660),
+        config_path=file.path,
+        log_level=pick(args.log_level, file.log_level, "info"),
+        log_format=pick(args.log_format, file.log_format, "auto"),
+        server_limits=file.server_limits,
+        access_policy=file.access_policy,
+        wait_for_device=bool(args.wait or file.wait),
+        cli_fixed=frozenset(given),
     )
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(config.log_level, config.log_format)
     # Imported here, not at the top: the server pulls in Trio and the device
     # backends, which the client commands and --help have no use for.
     from irqd.server import run  # noqa: PLC0415
@@ -585,10 +651,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         with _connected(args, "status") as client:
             info = client.device_info()
             stats = client.stats()
+            hello = client.server_info or {}
         if args.json:
-            _emit(
-                sys.stdout, json.dumps({"device": info, "stats": stats}, indent=2, sort_keys=True)
-            )
+            # The shape is documented in docs/cli.md: the protocol's device.info
+            # and stats results unchanged, so their keys are as stable as the
+            # protocol's; only this command's own connection is left out of
+            # the clients, as in the table, so `jq '.stats.clients | length'`
+            # counts the daemon's real clients.
+            own = f"{PROG} status"
+            stats = {
+                **stats,
+                "clients": [
+                    c
+                    for c in stats.get("clients", [])
+                    if not (c.get("pid") == os.getpid() and c.get("name") == own)
+                ],
+            }
+            report = {
+                "server": hello.get("server"),
+                "protocol": hello.get("protocol"),
+                "device": info,
+                "stats": stats,
+            }
+            _emit(sys.stdout, json.dumps(report, indent=2, sort_keys=True))
         else:
             _emit(sys.stdout, render_status(info, stats))
         return 0
@@ -637,6 +722,151 @@ def cmd_sim_fire(args: argparse.Namespace) -> int:
         f"{result.elapsed_s:.3f} s{rate})",
     )
     return 0
+
+
+# -- top and ping ----------------------------------------------------------------------------
+
+
+def _add_top(commands: Any) -> None:
+    top = commands.add_parser(
+        "top",
+        help="live view of interrupt rates, clients and their backlog",
+        formatter_class=_formatter,
+        description=_desc(
+            "A full-screen view refreshed every --interval seconds: per-vector interrupt "
+            "rates (the change of the 'stats' totals over the interval) and totals, the "
+            "clients with their vectors, delivery rate and pending backlog, host vectors "
+            "allocated and the MSI-X strategy. Plain terminfo, no colours or mouse, so it "
+            "works over ssh. q or Ctrl-C quits. --once prints a single frame as plain text "
+            "instead, with rates measured over one interval."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vfio-irqd top\n"
+            "  vfio-irqd top --interval 0.5 --device 0000:03:00.0\n"
+            "  vfio-irqd top --once --interval 2 > snapshot.txt"
+        ),
+    )
+    _add_socket(top, with_device=True)
+    top.add_argument(
+        "--interval",
+        metavar="S",
+        type=_positive_float,
+        default=1.0,
+        help="seconds between refreshes, and the span rates are measured over (default 1)",
+    )
+    top.add_argument(
+        "--once",
+        action="store_true",
+        help="print one frame as plain text and exit (no terminal needed)",
+    )
+    top.set_defaults(func=cmd_top, parser=top)
+
+
+def _add_ping(commands: Any) -> None:
+    ping = commands.add_parser(
+        "ping",
+        help="loopback-trigger vectors and time the round trip",
+        formatter_class=_formatter,
+        description=_desc(
+            "Subscribe to VECTORs, then have the kernel raise each of them with a loopback "
+            "'trigger', one at a time, and time how long until the 'irq' notification "
+            "comes back: the whole path from request to device, eventfd, dispatcher and "
+            "socket. Reports min/median/max per vector over --count rounds. Subscribing "
+            "enables a vector that nobody used yet, as any client's subscribe would."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vfio-irqd ping 0 1 2\n"
+            "  vfio-irqd ping --count 20 --json 0 | jq .vectors[0].rtt_us\n"
+            "  vfio-irqd ping --index msi 0\n"
+            "\n"
+            "exit status: 0 if every trigger came back within --timeout, 1 otherwise\n"
+            "(or on an error from the daemon), 2 on bad usage."
+        ),
+    )
+    _add_socket(ping, with_device=True)
+    ping.add_argument("--index", choices=INDEXES, default="msix", help="default msix")
+    ping.add_argument(
+        "--count",
+        metavar="N",
+        type=_int_range(1, 100_000),
+        default=5,
+        help="triggers per vector (default 5)",
+    )
+    ping.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_positive_float,
+        default=1.0,
+        help="seconds to wait for each trigger to come back (default 1)",
+    )
+    ping.add_argument("--json", action="store_true", help="print one JSON object")
+    ping.add_argument("vectors", metavar="VECTOR", nargs="+", type=_vector, help="vector numbers")
+    ping.set_defaults(func=cmd_ping, parser=ping)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """``top``: the live view, or one plain-text frame with ``--once``."""
+    # Imported here: curses is of no use to the other commands.
+    import curses  # noqa: PLC0415
+
+    from irqd.top import Sample, build_frame, run_live  # noqa: PLC0415
+
+    if not args.once and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        args.parser.error("the live view needs a terminal; use --once for a plain-text frame")
+
+    def run() -> int:
+        with _connected(args, "top") as client:
+
+            def fetch() -> Sample:
+                return Sample(time.monotonic(), client.device_info(), client.stats())
+
+            if args.once:
+                # Two readings one interval apart: a frame without rates would
+                # leave out what top is for.
+                first = fetch()
+                time.sleep(args.interval)
+                frame = build_frame(fetch(), first, own_pid=os.getpid())
+                _emit(sys.stdout, frame.text())
+                return 0
+            try:
+                run_live(fetch, interval=args.interval, own_pid=os.getpid())
+            except curses.error as exc:
+                raise CliError(
+                    f"cannot drive this terminal ({exc}); check $TERM, or use --once"
+                ) from None
+            return 0
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _run_client(run)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    """``ping``: subscribe, loopback-trigger each vector ``--count`` times, report the times."""
+    from irqd.ping import format_ping, ping, ping_json  # noqa: PLC0415
+
+    vectors: list[int] = list(dict.fromkeys(args.vectors))
+
+    def run() -> int:
+        with _connected(args, "ping") as client:
+            client.subscribe(args.index, vectors)
+            results = ping(client, args.index, vectors, count=args.count, timeout=args.timeout)
+        if args.json:
+            _emit(sys.stdout, json.dumps(ping_json(args.index, results, args.timeout)))
+        else:
+            for line in format_ping(args.index, results, args.timeout):
+                _emit(sys.stdout, line)
+        return 0 if all(r.ok for r in results) else 1
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _run_client(run)
+    except KeyboardInterrupt:
+        return 1  # not every trigger was sent, so not a pass
 
 
 # -- entry point ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: Where sockets live unless ``--socket`` or ``$VFIO_IRQD_SOCKET`` says otherwise.
 DEFAULT_SOCKET_DIR = Path("/run/vfio-irqd")
@@ -60,6 +61,25 @@ class ServerConfig:
     msix_prearm: int | None = None
     #: Permission bits of the listening socket, applied atomically at bind time.
     socket_mode: int = 0o660
+    # -- systemd service settings (issue #5) --------------------------------------
+    #: The config file the settings came from; SIGHUP reads it again.
+    config_path: Path | None = None
+    #: ``--log-level`` / ``[log] level``; SIGHUP may change it.
+    log_level: str = "info"
+    #: ``--log-format`` / ``[log] format``.
+    log_format: str = "auto"
+    #: ``[limits]`` as an ``irqd.limits.ServerLimits`` (the raw mapping when that
+    #: module is absent); ``None``: the built-in defaults. SIGHUP may change it.
+    server_limits: Any = None
+    #: ``[access]`` as an ``irqd.policy.AccessPolicy`` (the raw mapping when that
+    #: module is absent); ``None``: the built-in default. SIGHUP may change it.
+    access_policy: Any = None
+    #: ``--wait``: wait until the device is bound to vfio-pci before opening it.
+    wait_for_device: bool = False
+    #: Upper bound on an orderly stop (SIGTERM to exit).
+    stop_timeout: float = 5.0
+    #: Settings given on the command line (field names); a reload leaves them be.
+    cli_fixed: frozenset[str] = frozenset()
 
     @property
     def instance(self) -> str:

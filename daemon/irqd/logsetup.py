@@ -1,25 +1,28 @@
 """Logging for the daemon: structlog, JSON lines for journald, a readable console on a terminal.
 
-Follows structlog's production recommendations: a filtering bound logger (log
-calls below the level cost one method call that returns ``None``), loggers
-cached on first use, ISO-8601 UTC timestamps, and a plain ``WriteLogger`` that
-writes one line per event and flushes it, so journald (or a pipe, as in the
-demo) sees each event as it happens.
+Follows structlog's production recommendations: loggers cached on first use,
+ISO-8601 UTC timestamps, and a plain ``WriteLogger`` that writes one line per
+event and flushes it, so journald (or a pipe, as in the demo) sees each event
+as it happens.
 
 Records that third-party libraries send to the standard library's ``logging``
 go through the same renderer, so stdout stays one format.
+
+Events below the level are dropped before any processor runs, as structlog's
+filtering bound logger does; the level is looked up on each call rather than
+fixed when a logger is made, because SIGHUP may change it (``set_log_level``).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import Processor
 
-__all__ = ["FORMATS", "LEVELS", "configure_logging"]
+__all__ = ["FORMATS", "LEVELS", "configure_logging", "current_level", "set_log_level"]
 
 #: Accepted ``--log-level`` values, mapped to the standard library's numbers.
 LEVELS: dict[str, int] = {
@@ -31,6 +34,81 @@ LEVELS: dict[str, int] = {
 
 #: Accepted ``--log-format`` values; ``auto`` is ``console`` on a terminal, else ``json``.
 FORMATS = ("auto", "json", "console")
+
+
+class _Level:
+    """The level in force; SIGHUP may change it while the daemon runs."""
+
+    def __init__(self) -> None:
+        self.level = logging.INFO
+        self.name = "info"
+
+
+_gate = _Level()
+
+_Filtering: Any = structlog.make_filtering_bound_logger(logging.DEBUG)
+
+
+def _gated(method: str, level: int) -> Any:
+    base = getattr(_Filtering, method)
+
+    def call(self: Any, *args: Any, **kw: Any) -> Any:
+        # Before any processor runs, as in structlog's own filtering logger.
+        if level < _gate.level:
+            return None
+        return base(self, *args, **kw)
+
+    call.__name__ = method
+    return call
+
+
+def _gated_log(self: Any, level: int, *args: Any, **kw: Any) -> Any:
+    if level < _gate.level:
+        return None
+    return _Filtering.log(self, level, *args, **kw)
+
+
+#: structlog's filtering bound logger asks a level fixed when it is made, and a
+#: cached logger keeps it; this one asks ``_gate`` on each call instead, so a
+#: reload can change the level of loggers already in use. A dropped call still
+#: costs only a method call and a comparison.
+_GatedBoundLogger: Any = type(
+    "GatedBoundLogger",
+    (_Filtering,),
+    {
+        "log": _gated_log,
+    }
+    | {
+        method: _gated(method, level)
+        for method, level in (
+            ("debug", logging.DEBUG),
+            ("info", logging.INFO),
+            ("msg", logging.INFO),
+            ("warning", logging.WARNING),
+            ("warn", logging.WARNING),
+            ("error", logging.ERROR),
+            ("exception", logging.ERROR),
+            ("critical", logging.CRITICAL),
+            ("fatal", logging.CRITICAL),
+        )
+    },
+)
+
+
+def current_level() -> str:
+    """The level in force (a key of :data:`LEVELS`)."""
+    return _gate.name
+
+
+def set_log_level(level: str) -> None:
+    """Change the level of every logger now; ``ValueError`` for an unknown level."""
+    try:
+        numeric = LEVELS[level.lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}; choose from {', '.join(LEVELS)}") from None
+    _gate.level = numeric
+    _gate.name = level.lower()
+    logging.getLogger().setLevel(numeric)
 
 
 def _want_json(fmt: str, stream: TextIO) -> bool:
@@ -62,6 +140,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     out = stream if stream is not None else sys.stdout
     as_json = _want_json(fmt, out)
 
+    _gate.level = numeric
+    _gate.name = level.lower()
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -80,7 +160,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
 
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        wrapper_class=_GatedBoundLogger,
         context_class=dict,
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,

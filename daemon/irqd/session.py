@@ -16,11 +16,13 @@ for that subscription is already in front of it.
 from __future__ import annotations
 
 import array
+import errno
 import socket
 import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -33,14 +35,27 @@ from irqproto.notifications import ResizedNotification, TypedNotification, encod
 #: include/net/scm.h: the most fds one SCM_RIGHTS message may carry.
 SCM_MAX_FD = 253
 
+#: include/uapi/asm-generic/socket.h (Linux 4.13+): the peer's supplementary
+#: groups as of connect(); Python's socket module has no name for it.
+SO_PEERGROUPS = 59
+
+#: include/uapi/linux/limits.h NGROUPS_MAX: the most groups a process can have.
+NGROUPS_MAX = 65536
+
 
 @dataclass(frozen=True)
 class PeerCredentials:
-    """``SO_PEERCRED`` of a Unix socket peer."""
+    """``SO_PEERCRED`` and ``SO_PEERGROUPS`` of a Unix socket peer.
+
+    The kernel records them when the peer calls ``connect()``: a process that
+    changes its ids later, or passes the socket on, keeps what it had then.
+    """
 
     pid: int
     uid: int
     gid: int
+    #: Supplementary groups (``SO_PEERGROUPS``); empty where the kernel lacks it.
+    groups: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, sock: trio.socket.SocketType) -> PeerCredentials:
@@ -48,7 +63,24 @@ class PeerCredentials:
         fmt = "3i"
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
         pid, uid, gid = struct.unpack(fmt, raw)
-        return cls(pid, uid, gid)
+        return cls(pid, uid, gid, _peer_groups(sock))
+
+
+def _peer_groups(sock: trio.socket.SocketType) -> frozenset[int]:
+    # Try a buffer for 64 groups first; ERANGE means the peer has more.
+    for count in (64, NGROUPS_MAX):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            if exc.errno == errno.ENOPROTOOPT:  # before Linux 4.13
+                return frozenset()
+            raise
+        groups = array.array("I")
+        groups.frombytes(raw[: len(raw) - len(raw) % 4])
+        return frozenset(groups)
+    return frozenset()
 
 
 def encode_counts(index: IrqIndex, counts: dict[int, int]) -> bytes:
@@ -82,6 +114,8 @@ class Session:
         self.greeted = False
         self.latency = latency
         self.connected_at = time.monotonic()
+        #: ``trio.current_time()`` of the last request, for the idle limit.
+        self.last_request = trio.current_time()
         self.requests = 0
         self.delivered = 0
         self.notifications = 0
@@ -178,6 +212,62 @@ class Session:
             return b""
         self.notifications += len(parts)
         return b"".join(parts)
+
+    # -- restart without disconnecting (irqd.handover) ---------------------------------
+
+    async def hold_output(self) -> None:
+        """Take the output lock for good: a message being written is finished first,
+        and nothing is written afterwards. Released by ``release_output``."""
+        await self._lock.acquire()
+
+    def release_output(self) -> None:
+        """Give back the lock ``hold_output`` took (a hand-over that was called off)."""
+        self._lock.release()
+
+    def export_state(self) -> dict[str, Any]:
+        """What a new daemon process needs to carry on this session: identity,
+        counters and everything not yet written (pending counts, ``resized``,
+        queued notifications), as msgpack-able data. Call with the output held."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "greeted": self.greeted,
+            "requests": self.requests,
+            "delivered": self.delivered,
+            "notifications": self.notifications,
+            "connected_for": time.monotonic() - self.connected_at,
+            "pending": [
+                [int(index), vector, count]
+                for index, counts in self._pending.items()
+                for vector, count in counts.items()
+            ],
+            "resized": [
+                [int(index), sorted(vectors), loss]
+                for index, (vectors, loss) in self._resized.items()
+            ],
+            "outbox": list(self._outbox),
+        }
+
+    @classmethod
+    def from_state(
+        cls, sock: trio.socket.SocketType, state: dict[str, Any], latency: LatencyHistogram
+    ) -> Session:
+        """The session ``export_state`` described, on its adopted socket."""
+        session = cls(sock, int(state["id"]), PeerCredentials.of(sock), latency)
+        session.name = str(state["name"])
+        session.greeted = bool(state["greeted"])
+        session.requests = int(state["requests"])
+        session.delivered = int(state["delivered"])
+        session.notifications = int(state["notifications"])
+        session.connected_at = time.monotonic() - float(state["connected_for"])
+        for index, vector, count in state["pending"]:
+            session.add_pending(IrqIndex(index), int(vector), int(count))
+        for index, vectors, loss in state["resized"]:
+            session.post_resized(IrqIndex(index), [int(v) for v in vectors], bool(loss))
+        session._outbox.extend(bytes(b) for b in state["outbox"])
+        if session._outbox:
+            session._wake.set()
+        return session
 
     async def _sendall(self, data: bytes, fds: Sequence[int] = ()) -> None:
         view = memoryview(data)

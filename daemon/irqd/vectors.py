@@ -23,12 +23,21 @@ How an MSI-X vector is added (DESIGN.md):
   ``vfio_msix_vector_do_use``). Interrupts in that window are lost, so the
   subscribers of the index get ``resized`` with ``possible_loss`` and then a
   loopback trigger, which makes them look at their device.
+
+A claimed vector (``claim``) belongs to one client: the client holds a dup of
+its eventfd and reads it itself, so the vector is out of the dispatcher's epoll
+set and has no subscribers; everyone else gets ``EBUSY`` for it. When the claim
+ends (``unclaim`` or disconnect) the vector is released like one whose last
+subscriber left: nobody else can have wanted it in between. Whatever the client
+did not read stays in the eventfd, which it may still hold; nobody else reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+import errno
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,7 +46,16 @@ import structlog
 from irqd.config import DEFAULT_PREARM_CAP, MsixStrategy
 from irqd.device.base import Device, IrqIndex, IrqInfo
 from irqd.dispatcher import Dispatcher
-from irqd.errors import EBUSY, EINVAL, ENODEV, ENOSPC, ConfigError, IrqdError, device_error
+from irqd.errors import (
+    EBUSY,
+    EINVAL,
+    EIO,
+    ENODEV,
+    ENOSPC,
+    ConfigError,
+    IrqdError,
+    device_error,
+)
 from irqd.eventfd import EventFd
 
 log = structlog.get_logger("irqd.vectors")
@@ -81,6 +99,8 @@ class Vector:
     subscribers: dict[Subscriber, None] = field(default_factory=dict)
     #: Every eventfd signal read for this vector since it was enabled.
     total: int = 0
+    #: The client that claimed it; the daemon then neither polls nor reads it.
+    claimed_by: Subscriber | None = None
 
     @property
     def token(self) -> int:
@@ -133,6 +153,7 @@ class VectorTable:
         self._vectors: dict[int, Vector] = {}
         self._state = {index: _IndexState() for index in IrqIndex}
         self._closed = False
+        self._detached = False
 
     # -- queries -----------------------------------------------------------------
 
@@ -147,6 +168,14 @@ class VectorTable:
     def enabled(self, index: IrqIndex) -> list[int]:
         """Numbers of the vectors of ``index`` that have an eventfd assigned."""
         return sorted(v.number for v in self._vectors.values() if v.index is index)
+
+    def claimed(self, index: IrqIndex) -> list[int]:
+        """Numbers of the vectors of ``index`` that a client has claimed."""
+        return sorted(
+            v.number
+            for v in self._vectors.values()
+            if v.index is index and v.claimed_by is not None
+        )
 
     def is_active(self, index: IrqIndex) -> bool:
         """Whether the daemon has enabled ``index`` on the device."""
@@ -175,6 +204,7 @@ class VectorTable:
                 "dynamic": info.dynamic,
                 "active": self._state[index].active,
                 "enabled": self.enabled(index),
+                "claimed": self.claimed(index),
             }
         return result
 
@@ -194,6 +224,8 @@ class VectorTable:
 
     def _settle(self, vector: Vector) -> None:
         """Read what is pending on one eventfd now and credit it to the current subscribers."""
+        if vector.claimed_by is not None:
+            return  # its counts are the claimer's to read, not ours
         count = self.dispatcher.drain_fd(vector.eventfd.fileno())
         if count:
             self.deliver(vector.token, count)
@@ -210,6 +242,8 @@ class VectorTable:
         self._check_open()
         info = self._check_vectors(index, numbers)
         new = [n for n in numbers if self.lookup(index, n) is None]
+        for number in numbers:
+            self._check_unclaimed(subscriber, index, number)
         if index is IrqIndex.INTX:
             current = self.lookup(index, 0)
             if current is not None and any(s is not subscriber for s in current.subscribers):
@@ -248,9 +282,13 @@ class VectorTable:
         return list(numbers)
 
     def drop(self, subscriber: Subscriber) -> None:
-        """Remove every subscription of a departing client."""
+        """Remove every subscription and claim of a departing client."""
+        if self._detached:
+            return
         for vector in self.vectors():
-            if subscriber in vector.subscribers:
+            if vector.claimed_by is subscriber:
+                self._end_claim(vector)
+            elif subscriber in vector.subscribers:
                 self._settle(vector)
                 del vector.subscribers[subscriber]
                 if not vector.subscribers:
@@ -259,6 +297,77 @@ class VectorTable:
     def subscriptions(self, subscriber: Subscriber) -> list[tuple[IrqIndex, int]]:
         """The (index, vector) pairs ``subscriber`` receives."""
         return [(v.index, v.number) for v in self.vectors() if subscriber in v.subscribers]
+
+    def claims(self, subscriber: Subscriber) -> list[tuple[IrqIndex, int]]:
+        """The (index, vector) pairs ``subscriber`` has claimed."""
+        return [(v.index, v.number) for v in self.vectors() if v.claimed_by is subscriber]
+
+    # -- claim / unclaim ---------------------------------------------------------------------
+
+    def claim(self, subscriber: Subscriber, index: IrqIndex, number: int) -> int:
+        """Give ``subscriber`` the vector's eventfd for itself; returns a dup of it.
+
+        The dup is the caller's to send and close. The vector is enabled first
+        if it is not. ``EBUSY`` if another client subscribes to it or claimed
+        it. If ``subscriber`` itself subscribes to it, that subscription ends
+        here: counts read until now are credited to it (and, since responses
+        flush pending counts first, arrive before the ``claim`` response), and
+        from then on the eventfd is the client's alone.
+        """
+        self._check_open()
+        info = self._check_vectors(index, [number])
+        self._check_unclaimed(subscriber, index, number)
+        vector = self.lookup(index, number)
+        fresh = vector is None
+        if vector is None:
+            self._make_room_for(index)
+            self._enable(index, info, [number])
+            vector = self._vectors[make_token(index, number)]
+        else:
+            others = sum(1 for s in vector.subscribers if s is not subscriber)
+            if others:
+                raise IrqdError(
+                    EBUSY,
+                    f"{index.wire_name} vector {number} has {others} other subscriber(s); "
+                    "a claim is exclusive",
+                )
+        try:
+            fd = os.dup(vector.eventfd.fileno())
+        except OSError as exc:
+            if fresh:
+                self._release(vector)
+            code = ENOSPC if exc.errno in (errno.EMFILE, errno.ENFILE) else EIO
+            raise IrqdError(
+                code, f"claim {index.wire_name} vector {number}: {exc.strerror}"
+            ) from exc
+        # Signals read until now belong to the subscription, if there was one.
+        self._settle(vector)
+        vector.subscribers.clear()
+        self.dispatcher.remove(vector.eventfd.fileno())
+        vector.claimed_by = subscriber
+        log.info("vector.claimed", index=index.wire_name, vector=number, total=vector.total)
+        return fd
+
+    def unclaim(self, subscriber: Subscriber, index: IrqIndex, number: int) -> None:
+        """End ``subscriber``'s claim; the vector is released (nobody else wants it)."""
+        self._check_open()
+        vector = self.lookup(index, number)
+        if vector is None or vector.claimed_by is not subscriber:
+            raise IrqdError(EINVAL, f"{index.wire_name} vector {number} is not claimed by you")
+        self._end_claim(vector)
+
+    def _end_claim(self, vector: Vector) -> None:
+        vector.claimed_by = None
+        # Nobody can subscribe to a claimed vector, so nobody wants it now. Its
+        # eventfd is not read: what is left in it is the claimer's.
+        self._release(vector)
+
+    def _check_unclaimed(self, subscriber: Subscriber, index: IrqIndex, number: int) -> None:
+        vector = self.lookup(index, number)
+        if vector is None or vector.claimed_by is None:
+            return
+        who = "you" if vector.claimed_by is subscriber else "another client"
+        raise IrqdError(EBUSY, f"{index.wire_name} vector {number} is claimed by {who}")
 
     # -- other requests --------------------------------------------------------------------
 
@@ -282,8 +391,10 @@ class VectorTable:
                 EINVAL, "only intx is masked by the kernel; msi and msix need no unmask"
             )
         vector = self.lookup(index, 0)
-        if vector is None or subscriber not in vector.subscribers:
-            raise IrqdError(EINVAL, "subscribe to intx before unmasking it")
+        if vector is None or (
+            subscriber not in vector.subscribers and vector.claimed_by is not subscriber
+        ):
+            raise IrqdError(EINVAL, "subscribe to (or claim) intx before unmasking it")
         try:
             self.device.unmask(IrqIndex.INTX)
         except OSError as exc:
@@ -299,6 +410,117 @@ class VectorTable:
                 with contextlib.suppress(OSError):
                     self.device.disable(index)
                 state.reset()
+        for vector in list(self._vectors.values()):
+            self._forget(vector)
+
+    # -- restart without disarming (irqd.handover) -----------------------------------------
+
+    def export_state(self, subscriber_id: Callable[[Subscriber], int]) -> dict[str, Any]:
+        """The table as msgpack-able data: strategy, what the kernel has per index,
+        and each vector with its total, subscribers and claimer (by ``subscriber_id``).
+
+        The eventfds themselves travel separately (``eventfds()``).
+        """
+        return {
+            "msix_strategy": str(self.msix_strategy),
+            "msix_prearm": self.msix_prearm,
+            "indexes": [
+                [int(index), state.active, state.armed, sorted(state.allocated)]
+                for index, state in self._state.items()
+            ],
+            "vectors": [
+                [
+                    int(v.index),
+                    v.number,
+                    v.total,
+                    [subscriber_id(s) for s in v.subscribers],
+                    None if v.claimed_by is None else subscriber_id(v.claimed_by),
+                ]
+                for v in self.vectors()
+            ],
+        }
+
+    def eventfds(self) -> dict[tuple[IrqIndex, int], int]:
+        """Every enabled vector's eventfd number, by (index, vector)."""
+        return {(v.index, v.number): v.eventfd.fileno() for v in self.vectors()}
+
+    def import_state(
+        self,
+        state: dict[str, Any],
+        eventfds: dict[tuple[IrqIndex, int], EventFd],
+        subscriber: Callable[[int], Subscriber | None],
+    ) -> list[tuple[IrqIndex, int]]:
+        """Take over a table that another process exported, without disarming anything.
+
+        Vectors this table already has (armed before the import) are kept as
+        they are and only gain the adopted subscribers.
+
+        ``eventfds`` are the adopted eventfds (the table owns them from now on).
+        A vector whose eventfd did not arrive gets a fresh one assigned on the
+        device, a single-vector call that leaves every other vector alone; those
+        are returned. Subscribers that did not arrive (``subscriber`` returns
+        ``None``) are left out; a vector left with nobody is released.
+        """
+        self._check_open()
+        self.msix_strategy = MsixStrategy(state["msix_strategy"])
+        self.msix_prearm = int(state["msix_prearm"])
+        for index, active, armed, allocated in state["indexes"]:
+            index_state = self._state[IrqIndex(index)]
+            index_state.active = bool(active)
+            index_state.armed = int(armed)
+            index_state.allocated = {int(n) for n in allocated}
+        replaced: list[tuple[IrqIndex, int]] = []
+        orphans: list[Vector] = []
+        for raw_index, number, total, subscriber_ids, claimer_id in state["vectors"]:
+            index = IrqIndex(raw_index)
+            efd = eventfds.pop((index, number), None)
+            existing = self.lookup(index, number)
+            if existing is not None:
+                # Armed by this process already (the daemon's own REQ/ERR
+                # subscriber): keep that eventfd, add the adopted subscribers.
+                if efd is not None:
+                    efd.close()
+                for sid in subscriber_ids:
+                    found = subscriber(int(sid))
+                    if found is not None:
+                        existing.subscribers[found] = None
+                continue
+            if efd is None:
+                efd = EventFd()
+                try:
+                    self.device.assign_eventfds(index, number, [efd.fileno()])
+                except OSError as exc:
+                    efd.close()
+                    log.error(
+                        "vector.adopt_failed", index=index.wire_name, vector=number, error=str(exc)
+                    )
+                    continue
+                replaced.append((index, number))
+            vector = Vector(index, int(number), efd, total=int(total))
+            self._vectors[vector.token] = vector
+            claimer = subscriber(int(claimer_id)) if claimer_id is not None else None
+            if claimer is not None:
+                vector.claimed_by = claimer  # the claimer reads it; never polled here
+                continue
+            for sid in subscriber_ids:
+                found = subscriber(int(sid))
+                if found is not None:
+                    vector.subscribers[found] = None
+            self.dispatcher.add(efd.fileno(), vector.token)
+            if not vector.subscribers:
+                orphans.append(vector)
+        for efd in eventfds.values():
+            efd.close()  # not in the exported record: nothing would read it
+        for vector in orphans:
+            self._release(vector)
+        return replaced
+
+    def detach(self) -> None:
+        """The device now belongs to another process (hand-over): the table never
+        calls the device again. ``drop`` does nothing, ``close`` only forgets and
+        closes this process's own eventfd numbers; the kernel keeps its state."""
+        self._closed = True
+        self._detached = True
         for vector in list(self._vectors.values()):
             self._forget(vector)
 
@@ -498,6 +720,8 @@ class VectorTable:
         for number, vector in sorted(live.items()):
             for subscriber in vector.subscribers:
                 per_subscriber.setdefault(subscriber, []).append(number)
+            if vector.claimed_by is not None:
+                per_subscriber.setdefault(vector.claimed_by, []).append(number)
         for subscriber, numbers in per_subscriber.items():
             subscriber.post_resized(index, numbers, True)
         for number in sorted(live):

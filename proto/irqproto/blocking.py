@@ -144,6 +144,10 @@ class Client:
         outcome.unwrap()
         return single_fd(outcome)
 
+    def unclaim(self, index: str, vector: int) -> None:
+        """End a claim: the daemon takes the vector back. Close your fd of it too."""
+        self.call(m.UNCLAIM, m.UnclaimParams(index, vector).to_params())
+
     def stats(self) -> dict[str, Any]:
         """Counters of the whole daemon."""
         result: dict[str, Any] = self.call(m.STATS)

@@ -68,6 +68,12 @@ class Connection:
         """The error that broke the connection, or None."""
         return self._error
 
+    @property
+    def in_message(self) -> bool:
+        """True while bytes of an incomplete message are buffered: the stream is
+        not at a message boundary (a server hands a connection over only there)."""
+        return self._decoder.in_message
+
     # -- receiving ---------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "STATS",
     "SUBSCRIBE",
     "TRIGGER",
+    "UNCLAIM",
     "UNMASK",
     "UNSUBSCRIBE",
     "ClaimParams",
@@ -37,6 +38,7 @@ __all__ = [
     "StatsParams",
     "SubscribeParams",
     "TriggerParams",
+    "UnclaimParams",
     "UnmaskParams",
     "UnsubscribeParams",
     "parse_params",
@@ -55,6 +57,8 @@ UNSUBSCRIBE: Final = "unsubscribe"
 TRIGGER: Final = "trigger"
 UNMASK: Final = "unmask"
 CLAIM: Final = "claim"
+#: An extension of DESIGN.md's list: ends a claim without closing the connection.
+UNCLAIM: Final = "unclaim"
 STATS: Final = "stats"
 SIM_EVENTFDS: Final = "sim.eventfds"
 
@@ -141,6 +145,18 @@ class ClaimParams:
 
 
 @dataclass(frozen=True, slots=True)
+class UnclaimParams:
+    """``unclaim [index, vector]``."""
+
+    index: str
+    vector: int
+
+    def to_params(self) -> list[Any]:
+        """The params array for the wire."""
+        return [self.index, self.vector]
+
+
+@dataclass(frozen=True, slots=True)
 class StatsParams:
     """``stats []``."""
 
@@ -169,6 +185,7 @@ Params: TypeAlias = (
     | TriggerParams
     | UnmaskParams
     | ClaimParams
+    | UnclaimParams
     | StatsParams
     | SimEventfdsParams
 )
@@ -306,6 +323,11 @@ def _claim(params: Sequence[Any]) -> ClaimParams:
     return ClaimParams(_index(params[0], "params[0]"), _vector(params[1], "params[1]"))
 
 
+def _unclaim(params: Sequence[Any]) -> UnclaimParams:
+    _arity(params, 2)
+    return UnclaimParams(_index(params[0], "params[0]"), _vector(params[1], "params[1]"))
+
+
 def _stats(params: Sequence[Any]) -> StatsParams:
     _arity(params, 0)
     return StatsParams()
@@ -319,6 +341,7 @@ _PARSERS: Final[dict[str, Callable[[Sequence[Any]], Params]]] = {
     TRIGGER: _trigger,
     UNMASK: _unmask,
     CLAIM: _claim,
+    UNCLAIM: _unclaim,
     STATS: _stats,
     SIM_EVENTFDS: _sim_eventfds,
 }

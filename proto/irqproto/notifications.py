@@ -24,10 +24,12 @@ from .methods import INDEX_NAMES
 __all__ = [
     "DEVICE_LOST",
     "DEVICE_LOST_REASONS",
+    "ERR",
     "IRQ",
     "RESIZED",
     "SHUTDOWN",
     "DeviceLostNotification",
+    "ErrNotification",
     "IrqNotification",
     "ResizedNotification",
     "ShutdownNotification",
@@ -40,6 +42,8 @@ IRQ: Final = "irq"
 RESIZED: Final = "resized"
 DEVICE_LOST: Final = "device_lost"
 SHUTDOWN: Final = "shutdown"
+#: Extension (not in DESIGN.md's table): the device reported an error (AER).
+ERR: Final = "err"
 
 #: The reasons the server gives for ``device_lost`` today; clients must accept others.
 DEVICE_LOST_REASONS: Final = ("request", "removed", "error")
@@ -128,8 +132,28 @@ class ShutdownNotification:
         return Notification(SHUTDOWN, tuple(self.to_params()))
 
 
+@dataclass(frozen=True, slots=True)
+class ErrNotification:
+    """The device signalled its ERR index (a PCIe AER error) ``count`` times since
+    the last ``err``; sent to every client. The device may need a reset."""
+
+    count: int
+
+    def to_params(self) -> list[Any]:
+        """The params array for the wire."""
+        return [{"count": self.count}]
+
+    def to_message(self) -> Notification:
+        """The notification message."""
+        return Notification(ERR, tuple(self.to_params()))
+
+
 TypedNotification: TypeAlias = (
-    IrqNotification | ResizedNotification | DeviceLostNotification | ShutdownNotification
+    IrqNotification
+    | ResizedNotification
+    | DeviceLostNotification
+    | ShutdownNotification
+    | ErrNotification
 )
 
 
@@ -146,6 +170,8 @@ def parse_notification(msg: Notification) -> TypedNotification | Notification:
         return DeviceLostNotification(_reason(msg.params, DEVICE_LOST))
     if msg.method == SHUTDOWN:
         return ShutdownNotification(_reason(msg.params, SHUTDOWN))
+    if msg.method == ERR:
+        return _err(msg.params)
     return msg
 
 
@@ -194,6 +220,15 @@ def _resized(params: Sequence[Any]) -> ResizedNotification:
     if not isinstance(possible_loss, bool):
         raise _bad(RESIZED, "possible_loss must be a bool")
     return ResizedNotification(index, tuple(_vector(v, RESIZED) for v in vectors), possible_loss)
+
+
+def _err(params: Sequence[Any]) -> ErrNotification:
+    if len(params) != 1 or not isinstance(params[0], dict):
+        raise _bad(ERR, "expected [{count}]")
+    count = params[0].get("count")
+    if type(count) is not int or count < 1:
+        raise _bad(ERR, f"count must be an int >= 1, got {count!r:.40}")
+    return ErrNotification(count)
 
 
 def _reason(params: Sequence[Any], name: str) -> str:

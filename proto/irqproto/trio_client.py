@@ -159,6 +159,10 @@ class TrioClient:
         outcome.unwrap()
         return single_fd(outcome)
 
+    async def unclaim(self, index: str, vector: int) -> None:
+        """End a claim: the daemon takes the vector back. Close your fd of it too."""
+        await self.call(m.UNCLAIM, m.UnclaimParams(index, vector).to_params())
+
     async def stats(self) -> dict[str, Any]:
         """Counters of the whole daemon."""
         result: dict[str, Any] = await self.call(m.STATS)

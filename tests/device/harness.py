@@ -3,11 +3,13 @@
 A backend is one factory function: ``DeviceShape -> Harness``. The harness owns
 the device and knows how to make the hardware do things the ``Device``
 interface cannot (raise an interrupt, drive the INTx line, ask for the device
-back). The simulation does these directly; a real ``VfioDevice`` in a VM will
-do them with doorbell writes to BAR0 (ivshmem) and return ``False`` /
-``None`` for what it cannot do, and the tests that need it skip.
+back). The simulation does these directly; a real ``VfioDevice`` in a VM
+(``vfio_harness.py``) does them with doorbell writes to BAR0 (ivshmem) and
+returns ``False`` / ``None`` for what it cannot do, and the tests that need it
+skip. A real device has one shape: asking it for another skips.
 
-The backend is picked with ``IRQD_DEVICE_BACKEND`` (default ``sim``).
+The backend is picked with ``IRQD_DEVICE_BACKEND`` (default ``sim``; ``vfio``
+with ``IRQD_VFIO_BDF`` naming a device bound to vfio-pci, see tests/vm/).
 """
 
 from __future__ import annotations
@@ -94,16 +96,37 @@ def sim_backend(shape: DeviceShape) -> Harness:
     return SimHarness(shape)
 
 
-Backend = Callable[[DeviceShape], Harness]
+def sim_dut_shape(noresize: bool) -> DeviceShape:
+    return DeviceShape(msix_vectors=8, noresize=noresize)
 
-#: Registered backends; ``vfio`` joins when the VM harness exists.
-BACKENDS: dict[str, Backend] = {"sim": sim_backend}
+
+@dataclass(frozen=True)
+class Backend:
+    """How to make a device of a shape, and the shape the ``dut`` fixture asks for."""
+
+    make: Callable[[DeviceShape], Harness]
+    #: The shape of the standard device under test, NORESIZE clear or set.
+    dut_shape: Callable[[bool], DeviceShape]
+
+
+def _vfio_backend() -> Backend:
+    # Imported only when selected: it needs a real device (tests/vm/guest).
+    from .vfio_harness import vfio_backend, vfio_dut_shape  # noqa: PLC0415
+
+    return Backend(vfio_backend, vfio_dut_shape)
+
+
+#: Registered backends, by ``IRQD_DEVICE_BACKEND``.
+BACKENDS: dict[str, Callable[[], Backend]] = {
+    "sim": lambda: Backend(sim_backend, sim_dut_shape),
+    "vfio": _vfio_backend,
+}
 
 
 def selected_backend() -> Backend:
     name = os.environ.get("IRQD_DEVICE_BACKEND", "sim")
     try:
-        return BACKENDS[name]
+        return BACKENDS[name]()
     except KeyError:
         pytest.fail(f"unknown IRQD_DEVICE_BACKEND {name!r}; known: {sorted(BACKENDS)}")
 

@@ -21,6 +21,7 @@ from irqproto import (
     StatsParams,
     SubscribeParams,
     TriggerParams,
+    UnclaimParams,
     UnmaskParams,
     UnsubscribeParams,
     parse_params,
@@ -42,6 +43,7 @@ from irqproto.methods import METHODS
         ("unmask", ["intx"], UnmaskParams("intx")),
         ("unmask", ["msix"], UnmaskParams("msix")),  # the server decides what applies
         ("claim", ["req", 0], ClaimParams("req", 0)),
+        ("unclaim", ["msix", 7], UnclaimParams("msix", 7)),
         ("stats", [], StatsParams()),
         ("sim.eventfds", ["msix", [1, 2]], SimEventfdsParams("msix", (1, 2))),
     ],
@@ -56,7 +58,7 @@ def test_valid_params(method: str, params: list[Any], expected: Params) -> None:
 def test_every_method_and_index_is_listed() -> None:
     assert set(METHODS) == {
         "hello", "device.info", "subscribe", "unsubscribe", "trigger",
-        "unmask", "claim", "stats", "sim.eventfds",
+        "unmask", "claim", "unclaim", "stats", "sim.eventfds",
     }  # fmt: skip
     assert INDEX_NAMES == ("intx", "msi", "msix", "err", "req")
 

@@ -9,6 +9,7 @@ import pytest
 
 from irqproto import (
     DeviceLostNotification,
+    ErrNotification,
     IrqNotification,
     Notification,
     RemoteProtocolError,
@@ -25,6 +26,7 @@ TYPED: list[TypedNotification] = [
     ResizedNotification("msix", (0, 1, 5), possible_loss=True),
     DeviceLostNotification("removed"),
     ShutdownNotification("SIGTERM"),
+    ErrNotification(2),
 ]
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from irqd.eventfd import is_eventfd
 
@@ -245,6 +246,46 @@ class SimDevice(Device):
     @property
     def intx_masked(self) -> bool:
         return self._intx_masked
+
+    # -- sim-only: restart without disarming (irqd.handover) ----------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """What the "hardware" holds, as msgpack-able data, for a new daemon process.
+
+        The sim lives inside the daemon, so a new process starts a fresh one;
+        this is what it needs to be the same device. The assigned eventfds are
+        not in it: they are the vector table's eventfds (each trigger is a dup
+        of one), which travel through the fd store anyway, so ``import_state``
+        takes them from there. The ERR/REQ triggers are not carried.
+        """
+        return {
+            "active": None if self._active is None else int(self._active),
+            "num_ctx": self._num_ctx,
+            "host": sorted(self._host),
+            "assigned": sorted(self._triggers),
+            "latched": sorted(self._latched),
+            "intx_masked": self._intx_masked,
+            "intx_line": self._intx_line,
+        }
+
+    def import_state(self, state: dict[str, Any], eventfds: dict[int, int]) -> None:
+        """Become the device ``export_state`` described; ``eventfds`` maps each
+        assigned vector of the active index to its eventfd (dup'ed here, as the
+        kernel takes its own reference). Raises ``ValueError`` if one is missing."""
+        self._check_open()
+        assigned = [int(v) for v in state["assigned"]]
+        missing = [v for v in assigned if v not in eventfds]
+        if missing:
+            raise ValueError(f"no eventfd for assigned vectors {missing}")
+        self._active = None if state["active"] is None else IrqIndex(state["active"])
+        self._num_ctx = int(state["num_ctx"])
+        self._host = {int(v) for v in state["host"]}
+        self._latched = {int(v) for v in state["latched"]}
+        self._intx_masked = bool(state["intx_masked"])
+        self._intx_line = bool(state["intx_line"])
+        for vector in assigned:
+            self._put(self._triggers.pop(vector, None))
+            self._triggers[vector] = self._get_eventfd(eventfds[vector])
 
     # -- SET_IRQS ----------------------------------------------------------------
 
@@ -485,8 +526,11 @@ class SimDevice(Device):
             elif fd >= 0:
                 new = self._get_eventfd(fd)
                 self._put(current)
+            elif self.noresize:
+                return 0  # 6.1: fd < -1 is ignored (only -1 clears)
             else:
-                return 0  # fd < -1 is ignored here (only -1 clears)
+                # 6.12 (seen under QEMU): fd < -1 is EINVAL, nothing changes.
+                raise _fail(errno.EINVAL)
         if index is IrqIndex.ERR:
             self._err = new
         else:

@@ -1,0 +1,1 @@
+"""Access control, claim, limits, malformed input, fuzzing and soak (issue #6)."""

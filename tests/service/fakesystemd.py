@@ -1,0 +1,111 @@
+"""systemd's side of sd_notify, played by a test: a datagram socket that keeps what it gets.
+
+It answers ``BARRIER=1`` by closing the fd that came with it, keeps fds sent
+with ``FDSTORE=1`` under their ``FDNAME=`` and drops them on ``FDSTOREREMOVE=1``,
+as the service manager does (src/core/service.c, ``service_add_fd_store``).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from pathlib import Path
+
+import trio
+
+#: Room for the most fds one message may carry (SCM_MAX_FD).
+_ANC = socket.CMSG_SPACE(253 * array.array("i").itemsize)
+
+
+class FakeManager:
+    """A ``$NOTIFY_SOCKET`` at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        raw.bind(str(path))
+        # Room for thousands of FDSTORE datagrams while the test is busy elsewhere.
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock = trio.socket.from_stdlib_socket(raw)
+        #: Every message, in order, as its fields.
+        self.messages: list[dict[str, str]] = []
+        #: The fd store: (name, fd) in the order they arrived.
+        self.store: list[tuple[str, int]] = []
+        self._arrived = trio.Event()
+
+    async def receive(self) -> dict[str, str]:
+        """The next message, after acting on it as systemd would."""
+        data, ancdata, _flags, _addr = await self.sock.recvmsg(65536, _ANC)
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % array.array("i").itemsize
+                fds.extend(array.array("i", payload[:usable]))
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        self.messages.append(fields)
+        if fields.get("BARRIER") == "1":
+            for fd in fds:
+                os.close(fd)
+        elif fields.get("FDSTORE") == "1":
+            name = fields.get("FDNAME", "stored")
+            self.store.extend((name, fd) for fd in fds)
+        else:
+            if fields.get("FDSTOREREMOVE") == "1":
+                self.remove(fields.get("FDNAME", ""))
+            for fd in fds:
+                os.close(fd)
+        return fields
+
+    async def run(self) -> None:
+        """Receive forever (start it in a nursery); ``wait_for`` sees what arrives."""
+        while True:
+            await self.receive()
+            self._arrived.set()
+            self._arrived = trio.Event()
+
+    async def wait_for(self, key: str, value: str | None = None, since: int = 0) -> dict[str, str]:
+        """The first message from index ``since`` on with ``key`` (equal to ``value``)."""
+        while True:
+            for fields in self.messages[since:]:
+                if key in fields and (value is None or fields[key] == value):
+                    return fields
+            since = len(self.messages)
+            await self._arrived.wait()
+
+    def remove(self, name: str) -> None:
+        """``FDSTOREREMOVE=1``: close and forget every stored fd called ``name``."""
+        for _, fd in [e for e in self.store if e[0] == name]:
+            os.close(fd)
+        self.store = [e for e in self.store if e[0] != name]
+
+    def take_store(self) -> list[tuple[str, int]]:
+        """The stored fds, handed to the caller (the next start of the service)."""
+        store, self.store = self.store, []
+        return store
+
+    def close(self) -> None:
+        for _, fd in self.take_store():
+            os.close(fd)
+        self.sock.close()
+
+
+#: Runs as ``python -c``: puts the fds it inherited at 3, 4, ... in the order
+#: given and execs the daemon with ``$LISTEN_FDS``, as systemd's exec does
+#: (src/core/execute.c ``build_environment``, ``shift_fds``).
+LAUNCHER = """
+import os, sys
+fds = [int(x) for x in os.environ.pop("HANDOVER_FDS").split(",") if x]
+top = max([*fds, 2]) + len(fds) + 1
+moved = []
+for i, fd in enumerate(fds):
+    moved.append(os.dup2(fd, top + i, inheritable=False))
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(moved):
+    os.dup2(fd, 3 + i, inheritable=True)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""

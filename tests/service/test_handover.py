@@ -1,0 +1,158 @@
+"""Restart without disarming: the test plays systemd's fd store between two daemon processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from irqproto.trio_client import TrioClient, open_client
+
+from .fakesystemd import LAUNCHER, FakeManager
+
+#: Until SIGINT, 2000 rounds a second over vectors 0-3.
+FIRE_ARGS = ["--count", "0", "--rate", "2000", "0", "1", "2", "3"]
+
+#: Guards against a hang; nothing waits for a fixed time.
+DEADLINE = 15
+
+
+def daemon_argv(sock: Path) -> list[str]:
+    return [
+        "-m",
+        "irqd",
+        "serve",
+        "--sim",
+        "--sim-vectors",
+        "16",
+        "--socket",
+        str(sock),
+        "--log-format",
+        "json",
+    ]
+
+
+def child_env(manager: FakeManager) -> dict[str, str]:
+    env = dict(os.environ, NOTIFY_SOCKET=str(manager.path), PYTHONUNBUFFERED="1")
+    env.pop("VFIO_IRQD_SOCKET", None)
+    return env
+
+
+async def read_counts(client: TrioClient, got: dict[int, int]) -> None:
+    """Add the counts of the next notification (if it is ``irq``) to ``got``."""
+    batch = await client.next_notification()
+    for vector, count in getattr(batch, "counts", ()):
+        got[vector] = got.get(vector, 0) + count
+
+
+async def settle(client: TrioClient, got: dict[int, int], expected: dict[int, int]) -> None:
+    """Read until the totals reach ``expected``; more than that fails."""
+    while got != expected:
+        assert all(got.get(v, 0) <= n for v, n in expected.items()), (got, expected)
+        await read_counts(client, got)
+    assert got == expected
+
+
+async def test_restart_through_the_fd_store_loses_no_interrupt_and_drops_no_client(
+    tmp_path: Path,
+) -> None:
+    manager = FakeManager(tmp_path / "notify")
+    sock = tmp_path / "irqd.sock"
+    procs: list[trio.Process] = []
+    try:
+        async with trio.open_nursery() as background:
+            background.start_soon(manager.run)
+            await restart_with_clients(manager, sock, tmp_path, procs)
+            background.cancel_scope.cancel()
+    finally:
+        for proc in procs:  # only if the test failed half-way
+            if proc.returncode is None:
+                proc.kill()
+        manager.close()
+    assert not sock.exists()
+
+
+async def restart_with_clients(
+    manager: FakeManager, sock: Path, tmp_path: Path, procs: list[trio.Process]
+) -> None:
+    env = child_env(manager)
+    logs = (tmp_path / "old.log").open("wb")
+    with trio.fail_after(DEADLINE):
+        old = await trio.lowlevel.open_process(
+            [sys.executable, *daemon_argv(sock)], env=env, stdout=logs
+        )
+        procs.append(old)
+        await manager.wait_for("READY", "1")
+        async with (
+            open_client(str(sock), client_name="a") as a,
+            open_client(str(sock), client_name="b") as b,
+        ):
+            await a.subscribe("msix", [0, 1, 2])
+            await b.subscribe("msix", [1, 2, 3])
+            before = {c["name"]: c["id"] for c in (await a.stats())["clients"]}
+            # The test's own handle on the "hardware": the sim's vector eventfds.
+            hw = dict(zip([0, 1, 2, 3], await a.sim_eventfds("msix", [0, 1, 2, 3]), strict=True))
+            for fd in hw.values():
+                os.eventfd_write(fd, 5)
+            # Another process fires all the while, until the new daemon is ready.
+            fire = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "irqd", "sim", "fire", "--socket", str(sock), *FIRE_ARGS],
+                env=env,
+                stdout=(tmp_path / "fire.out").open("wb"),
+            )
+            procs.append(fire)
+            got_a: dict[int, int] = {}
+            got_b: dict[int, int] = {}
+            # Hand over while the other process is firing: once its interrupts arrive.
+            while got_a.get(0, 0) <= 5:
+                await read_counts(a, got_a)
+            # The old process keeps running until its fds are in the store.
+            old.send_signal(signal.SIGUSR2)
+            assert await old.wait() == 75
+            stored = manager.take_store()
+            names = [name for name, _ in stored]
+            assert names[-1] == "state"
+            assert {"listener", "vector-2-0", "vector-2-3"} <= set(names)
+            assert sum(name.startswith("client-") for name in names) == 2
+            # Nobody runs the device now: these wait in the eventfds.
+            for fd in hw.values():
+                os.eventfd_write(fd, 7)
+            fds = [fd for _, fd in stored]
+            mark = len(manager.messages)
+            new = await trio.lowlevel.open_process(
+                [sys.executable, "-c", LAUNCHER, *daemon_argv(sock)],
+                env=env
+                | {"HANDOVER_FDS": ",".join(map(str, fds)), "LISTEN_FDNAMES": ":".join(names)},
+                pass_fds=fds,
+                stdout=(tmp_path / "new.log").open("wb"),
+            )
+            procs.append(new)
+            for fd in fds:
+                os.close(fd)
+            await manager.wait_for("READY", "1", since=mark)
+            # The new process took every stored fd out of the store again.
+            removed = {m["FDNAME"] for m in manager.messages if m.get("FDSTOREREMOVE") == "1"}
+            assert set(names) <= removed
+            fire.send_signal(signal.SIGINT)
+            assert await fire.wait() == 0
+            fired = (tmp_path / "fire.out").read_text()
+            rounds = {int(v): int(n) for v, n in re.findall(r"v(\d+) (\d+)", fired)}
+            assert set(rounds) == {0, 1, 2, 3} and len(set(rounds.values())) == 1, fired
+            for fd in hw.values():
+                os.eventfd_write(fd, 1)
+                os.close(fd)
+            total = {v: 5 + 7 + 1 + rounds[v] for v in rounds}
+            # Same connections, nothing lost, nothing twice.
+            await settle(a, got_a, {v: total[v] for v in (0, 1, 2)})
+            await settle(b, got_b, {v: total[v] for v in (1, 2, 3)})
+            after = {c["name"]: c["id"] for c in (await a.stats())["clients"]}
+            assert after == before
+            # The protocol state came along: unsubscribe answers, and it flushes.
+            assert (await b.unsubscribe("msix", [3]))["vectors"] == [3]
+        new.send_signal(signal.SIGTERM)
+        assert await new.wait() == 0
+    logs.close()

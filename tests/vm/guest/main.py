@@ -1,0 +1,400 @@
+"""The guest side of the VM tests: runs inside the QEMU guest, as root.
+
+Started by the guest's /init (tests/vm/guest/init) with the repository's own
+virtualenv Python, seen through a read-only 9p mount of the host's root. It
+binds the ivshmem-doorbell device to vfio-pci, runs the device conformance
+suite against it, then the real daemon with real clients (checks.py), and
+writes everything it found to ``--results``/results.json for the host.
+
+Each step is recorded as ``{"ok": bool, ...}``; a step that raises records the
+traceback and the rest still run, so one failure shows all the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from irqproto.blocking import Client
+from irqproto.messages import Notification
+from irqproto.notifications import (
+    DeviceLostNotification,
+    IrqNotification,
+    ResizedNotification,
+    TypedNotification,
+)
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+BDF = "0000:00:05.0"  # vmkit.IVSHMEM_BDF: the slot QEMU was told
+SOCKET = "/tmp/irqd.sock"
+DAEMON_LOG = Path("/tmp/irqd.log")
+#: The vectors every client subscribes to (inside the pre-armed range on 6.1).
+VECTORS = [0, 1, 2, 3]
+#: The vector the grow check adds (beyond ``--msix-prearm 4`` on 6.1).
+GROW_VECTOR = 6
+DOORBELL_ROUNDS = 200
+HOST_ROUNDS = 200
+HOST_BURST = 50
+
+
+def bind_vfio(bdf: str) -> dict[str, Any]:
+    """driver_override + drivers_probe (vm-notes.md); /dev/vfio/N appears."""
+    dev = Path("/sys/bus/pci/devices") / bdf
+    (dev / "driver_override").write_text("vfio-pci")
+    if (dev / "driver").exists():
+        (dev / "driver" / "unbind").write_text(bdf)
+    Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+    group = (dev / "iommu_group").resolve().name
+    return {"ok": Path(f"/dev/vfio/{group}").exists(), "group": group}
+
+
+def conformance(bdf: str) -> dict[str, Any]:
+    """``pytest tests/device`` with the vfio backend; only that directory."""
+    env = {
+        **os.environ,
+        "IRQD_DEVICE_BACKEND": "vfio",
+        "IRQD_VFIO_BDF": bdf,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rs",
+            "--no-header",
+            str(REPO / "tests" / "device"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    lines = proc.stdout.strip().splitlines()
+    return {
+        "ok": proc.returncode == 0,
+        "summary": lines[-1] if lines else "",
+        "output": proc.stdout[-6000:] if proc.returncode else "",
+        "skips": [line for line in lines if line.startswith("SKIPPED")],
+    }
+
+
+# -- the real daemon, real clients --------------------------------------------------------
+
+
+class Tally:
+    """One client and what it has received: counts per msix vector, other notifications."""
+
+    def __init__(self, name: str) -> None:
+        self.client = Client(SOCKET, client_name=name, timeout=10.0)
+        self.counts: dict[int, int] = {}
+        self.resized: list[ResizedNotification] = []
+        self.lost: list[DeviceLostNotification] = []
+        self.closed = False
+
+    def take(self, note: TypedNotification | Notification) -> None:
+        if isinstance(note, IrqNotification) and note.index == "msix":
+            for vector, count in note.counts:
+                self.counts[vector] = self.counts.get(vector, 0) + count
+        elif isinstance(note, ResizedNotification):
+            self.resized.append(note)
+        elif isinstance(note, DeviceLostNotification):
+            self.lost.append(note)
+
+    def wait_for(self, done: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        """Read notifications until ``done()``; AssertionError at the deadline."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.client.client_name}: timed out waiting for {what}")
+            try:
+                self.take(self.client.next_notification(timeout=left))
+            except TimeoutError:
+                continue
+
+    def wait_counts(self, expected: dict[int, int]) -> None:
+        def reached() -> bool:
+            over = {v: n for v, n in self.counts.items() if n > expected.get(v, 0)}
+            assert not over, f"more than raised: {over} > {expected}"
+            return all(self.counts.get(v, 0) >= n for v, n in expected.items())
+
+        self.wait_for(reached, f"counts {expected} (have {self.counts})")
+
+
+def set_bus_master(bdf: str) -> int:
+    """PCI COMMAND |= MASTER through sysfs config (the daemon holds the group)."""
+    path = Path("/sys/bus/pci/devices") / bdf / "config"
+    with path.open("r+b", buffering=0) as f:
+        f.seek(4)
+        command = int.from_bytes(f.read(2), "little")
+        f.seek(4)
+        f.write((command | 0x4).to_bytes(2, "little"))
+        f.seek(4)
+        return int.from_bytes(f.read(2), "little")
+
+
+class Doorbell:
+    """BAR0 of the ivshmem device through sysfs ``resource0`` (mmap, 32-bit stores)."""
+
+    def __init__(self, bdf: str) -> None:
+        import mmap  # noqa: PLC0415
+
+        fd = os.open(f"/sys/bus/pci/devices/{bdf}/resource0", os.O_RDWR | os.O_SYNC)
+        try:
+            self.map = mmap.mmap(fd, 0)  # the whole BAR (256 bytes of registers)
+        finally:
+            os.close(fd)
+        self.regs = memoryview(self.map).cast("I")
+        self.own_id = self.regs[2]  # IVPOSITION, BAR0 + 8
+
+    def ring(self, vector: int) -> None:
+        self.regs[3] = self.own_id << 16 | vector  # DOORBELL, BAR0 + 12
+
+
+class Control:
+    """The line to the host (ttyS1): ``fire V,...`` and ``burst V N``, answered ``ok``."""
+
+    def __init__(self) -> None:
+        import termios  # noqa: PLC0415
+        import tty  # noqa: PLC0415
+
+        self.fd = os.open("/dev/ttyS1", os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(self.fd)
+        termios.tcflush(self.fd, termios.TCIOFLUSH)
+        self.buf = b""
+
+    def ask(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\n")
+        while b"\n" not in self.buf:
+            self.buf += os.read(self.fd, 64)
+        answer, self.buf = self.buf.split(b"\n", 1)
+        assert answer.strip() == b"ok", answer
+
+
+class DaemonRun:
+    """The daemon under test (``python -m irqd serve --device``) and its clients."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.noresize = label == "6.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.clients: list[Tally] = []
+
+    def start(self) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "irqd", "serve", "--device", BDF, "--socket", SOCKET]
+        if self.noresize:
+            argv += ["--msix-prearm", "4"]  # so GROW_VECTOR takes the grow path
+        argv += ["--log-format", "json"]
+        log = DAEMON_LOG.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd="/tmp")
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode} before listening")
+            try:
+                Client(SOCKET, client_name="probe", timeout=5.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        # vfio-pci left bus mastering off when the daemon opened the device.
+        command = set_bus_master(BDF)
+        self.clients = [Tally(f"client-{i}") for i in range(3)]
+        return {"ok": bool(command & 0x4), "command": hex(command), "argv": argv[3:]}
+
+    def check_info(self) -> dict[str, Any]:
+        info = self.clients[0].client.device_info()
+        msix = info["msix"]
+        ok = info["backend"] == "vfio" and msix["noresize"] is self.noresize and msix["count"] == 8
+        return {"ok": ok, "backend": info["backend"], "msix": msix, "req": info.get("req")}
+
+    def check_subscribe(self) -> dict[str, Any]:
+        hows = [t.client.subscribe("msix", VECTORS)["how"] for t in self.clients]
+        first = hows[0]
+        wanted = ("prearm", "resize") if self.noresize else ("dynamic",)
+        ok = first in wanted and all(h == "already" for h in hows[1:])
+        return {"ok": ok, "how": hows}
+
+    def expected(self, per_vector: int) -> dict[int, int]:
+        return {v: per_vector for v in VECTORS}
+
+    def wait_all(self, expected: dict[int, int]) -> None:
+        for tally in self.clients:
+            tally.wait_counts(expected)
+
+    def check_doorbell(self) -> dict[str, Any]:
+        """Raised by the device itself: one doorbell per vector, read, then again."""
+        bell = Doorbell(BDF)
+        base = {v: self.clients[0].counts.get(v, 0) for v in VECTORS}
+        started = time.monotonic()
+        for n in range(1, DOORBELL_ROUNDS + 1):
+            for v in VECTORS:
+                bell.ring(v)
+            self.wait_all({v: base[v] + n for v in VECTORS})
+        seconds = time.monotonic() - started
+        counts = [dict(t.counts) for t in self.clients]
+        exact = all(c == {v: base[v] + DOORBELL_ROUNDS for v in VECTORS} for c in counts)
+        return {
+            "ok": exact,
+            "raised_per_vector": DOORBELL_ROUNDS,
+            "clients": len(self.clients),
+            "counts": counts,
+            "rounds_per_second": round(DOORBELL_ROUNDS / seconds, 1),
+        }
+
+    def check_host_fire(self) -> dict[str, Any]:
+        """Raised from outside the guest: the host writes the ivshmem peer eventfds."""
+        ctl = Control()
+        base = {v: self.clients[0].counts.get(v, 0) for v in VECTORS}
+        vectors = ",".join(str(v) for v in VECTORS)
+        for n in range(1, HOST_ROUNDS + 1):
+            ctl.ask(f"fire {vectors}")
+            # Each vector is written again only after every client read it.
+            self.wait_all({v: base[v] + n for v in VECTORS})
+        exact = all(t.counts == {v: base[v] + HOST_ROUNDS for v in VECTORS} for t in self.clients)
+        # A burst coalesces (QEMU reads the summed counter; the APIC merges a
+        # pending vector): 1 <= seen <= written, nothing invented.
+        before = self.clients[0].counts.get(0, 0)
+        ctl.ask(f"burst 0 {HOST_BURST}")
+        self.clients[0].wait_for(
+            lambda: self.clients[0].counts.get(0, 0) > before, "the burst's first interrupt"
+        )
+        # A fence: one more on another vector, after the burst, and its arrival.
+        fence = self.clients[0].counts.get(1, 0)
+        ctl.ask("fire 1")
+        self.clients[0].wait_for(lambda: self.clients[0].counts.get(1, 0) > fence, "the fence")
+        seen = self.clients[0].counts.get(0, 0) - before
+        return {
+            "ok": exact and 1 <= seen <= HOST_BURST,
+            "rounds": HOST_ROUNDS,
+            "exact": exact,
+            "burst_written": HOST_BURST,
+            "burst_seen": seen,
+        }
+
+    def check_trigger(self) -> dict[str, Any]:
+        """The kernel's loopback (``trigger``) reaches every subscriber once."""
+        base = dict(self.clients[0].counts)
+        self.clients[1].client.trigger("msix", VECTORS)
+        self.wait_all({v: base.get(v, 0) + 1 for v in VECTORS})
+        ok = all(t.counts == {v: base.get(v, 0) + 1 for v in VECTORS} for t in self.clients)
+        return {"ok": ok}
+
+    def check_grow(self) -> dict[str, Any]:
+        """A vector beyond the enabled range: grow (resized) on 6.1, dynamic on 6.12."""
+        grower = self.clients[2]
+        before = {v: grower.counts.get(v, 0) for v in VECTORS}
+        how = grower.client.subscribe("msix", [GROW_VECTOR])["how"]
+        result: dict[str, Any] = {"how": how}
+        if self.noresize:
+            for tally in self.clients:
+                tally.wait_for(lambda tally=tally: bool(tally.resized), "resized")  # type: ignore[misc]
+            notes = [t.resized[0] for t in self.clients]
+            result["resized"] = [
+                {"vectors": list(n.vectors), "possible_loss": n.possible_loss} for n in notes
+            ]
+            ok = how == "resize" and all(n.possible_loss and 0 in n.vectors for n in notes)
+            # The loopback after a resize wakes each old vector once.
+            grower.wait_counts({v: before[v] + 1 for v in VECTORS})
+        else:
+            ok = how == "dynamic" and not any(t.resized for t in self.clients)
+        # The old vectors and the new one all deliver afterwards.
+        base = {v: grower.counts.get(v, 0) for v in [*VECTORS, GROW_VECTOR]}
+        bell = Doorbell(BDF)
+        for v in [*VECTORS, GROW_VECTOR]:
+            bell.ring(v)
+            grower.wait_counts({**{k: base[k] for k in base}, v: base[v] + 1})
+            base[v] += 1
+        result["ok"] = ok
+        return result
+
+    def check_unbind(self) -> dict[str, Any]:
+        """driver/unbind while clients are subscribed: REQ → device_lost → exit 0."""
+        assert self.proc is not None
+        unbind = Path("/sys/bus/pci/devices") / BDF / "driver" / "unbind"
+        started = time.monotonic()
+        # The write blocks until the daemon let go of the device: run it aside.
+        writer = subprocess.Popen(["/bin/sh", "-c", f"echo {BDF} > {unbind}"])
+        writer.wait(timeout=30)
+        unbind_seconds = time.monotonic() - started
+        for tally in self.clients:
+            tally.wait_for(lambda tally=tally: bool(tally.lost), "device_lost")  # type: ignore[misc]
+        code = self.proc.wait(timeout=30)
+        reasons = [t.lost[0].reason for t in self.clients]
+        bound = (Path("/sys/bus/pci/devices") / BDF / "driver").exists()
+        return {
+            "ok": writer.returncode == 0 and code == 0 and not bound and unbind_seconds < 10,
+            "unbind_seconds": round(unbind_seconds, 2),
+            "daemon_exit": code,
+            "reasons": reasons,
+        }
+
+    def stop(self) -> None:
+        for tally in self.clients:
+            tally.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--results", type=Path, required=True)
+    args = parser.parse_args()
+    results: dict[str, Any] = {"label": args.label, "kernel": os.uname().release, "steps": {}}
+    out = args.results / "results.json"
+
+    def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        started = time.monotonic()
+        try:
+            result = fn()
+        except Exception:
+            result = {"ok": False, "error": traceback.format_exc()[-4000:]}
+        result["seconds"] = round(time.monotonic() - started, 2)
+        results["steps"][name] = result
+        print(f"IRQD-VM: step {name}: {'ok' if result.get('ok') else 'FAILED'}", flush=True)
+        # Written after every step: a guest that dies still leaves what it had.
+        out.write_text(json.dumps(results, indent=1))
+
+    step("bind", lambda: bind_vfio(BDF))
+    step("conformance", lambda: conformance(BDF))
+    run = DaemonRun(args.label)
+    try:
+        step("daemon_start", run.start)
+        if results["steps"]["daemon_start"]["ok"]:
+            step("info", run.check_info)
+            step("subscribe", run.check_subscribe)
+            step("doorbell", run.check_doorbell)
+            step("host_fire", run.check_host_fire)
+            step("trigger", run.check_trigger)
+            step("grow", run.check_grow)
+            step("unbind", run.check_unbind)
+    finally:
+        run.stop()
+        results["daemon_log"] = DAEMON_LOG.read_text()[-3000:] if DAEMON_LOG.exists() else ""
+        out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
