@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SOURCES := proto/irqproto daemon/irqd tests bench
 
-.PHONY: all install run test lint typecheck pytest systemd-tools bench clean
+.PHONY: all install run test lint typecheck pytest bench clean
 
 all: test
 
@@ -26,16 +26,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict proto/irqproto daemon/irqd tests bench
 
-pytest: $(STAMP) systemd-tools
+pytest: $(STAMP) test-tools
 	$(PY) -m pytest
 
-# systemd-analyze and systemd-socket-activate for tests/service/test_units.py.
-systemd-tools:
-	sh scripts/install-systemd-tools
-
-# tmux (the terminal test of `top`), cc and node/npm (the foreign clients):
-# installed from Debian's packages when missing and we are root.
-pytest: test-tools
+# tmux (the terminal test of `top`), cc and node/npm (the foreign clients),
+# systemd-analyze and systemd-socket-activate (the unit tests): installed from
+# Debian's packages when missing and we are root.
 .PHONY: test-tools
 test-tools:
 	bash scripts/install-test-tools
@@ -55,7 +51,7 @@ bench: $(STAMP)
 .PHONY: fuzz
 FUZZ_SECONDS ?= 120
 fuzz: $(STAMP)
-	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris || true
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet -e '.[fuzz]' || true
 	$(PY) -m tests.security.fuzz_decoder -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 # 64 client processes connecting, subscribing and leaving (some SIGKILLed) for

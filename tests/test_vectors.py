@@ -302,7 +302,16 @@ def test_a_device_without_pcie_has_no_err_index() -> None:
     with Dispatcher() as dispatcher:
         table = VectorTable(sim, dispatcher)
         assert table.device_info()["err"]["count"] == 0
-        with pytest.raises(IrqdError, match="no err"):
-            table.subscribe(Recorder("a"), IrqIndex.ERR, [0])
         table.close()
     sim.close()
+
+
+@pytest.mark.parametrize("index", [IrqIndex.ERR, IrqIndex.REQ])
+def test_err_and_req_belong_to_the_daemon(dynamic: Rig, index: IrqIndex) -> None:
+    a = Recorder("a")
+    with pytest.raises(IrqdError, match="belongs to the daemon") as info:
+        dynamic.table.subscribe(a, index, [0])
+    assert info.value.code == "EINVAL"
+    with pytest.raises(IrqdError, match="belongs to the daemon"):
+        dynamic.table.claim(a, index, 0)
+    assert dynamic.sim.calls == []

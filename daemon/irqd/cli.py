@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -524,13 +523,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "--msix-strategy dynamic needs a kernel without NORESIZE, and --sim-noresize "
                 "models one with it; use auto, prearm or grow"
             )
-    elif importlib.util.find_spec("irqd.device.vfio") is None:
-        # The VFIO backend is a separate module; until it is part of the build a
-        # real device cannot be opened, and saying so beats a traceback.
-        parser.error(
-            f"--device {device}: the VFIO backend is not part of this build yet; "
-            "use --sim to run the simulated device"
-        )
 
     socket_file = Path(args.socket) if args.socket is not None else file.socket_path
     config = ServerConfig(

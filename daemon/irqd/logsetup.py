@@ -20,6 +20,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 from structlog.typing import Processor
 
 __all__ = ["FORMATS", "LEVELS", "configure_logging", "current_level", "set_log_level"]
@@ -152,7 +153,12 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     if as_json:
         # Tracebacks as structured data: one JSON object per event, never a
         # multi-line blob that journald would split into separate entries.
-        shared.append(structlog.processors.dict_tracebacks)
+        # Without locals: they can hold client data and make one line huge.
+        shared.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     else:
         shared.append(structlog.dev.set_exc_info)

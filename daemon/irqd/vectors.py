@@ -64,6 +64,9 @@ log = structlog.get_logger("irqd.vectors")
 #: "another index active" is EINVAL).
 EXCLUSIVE_INDEXES = frozenset({IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX})
 
+#: Indexes the daemon arms for itself; clients hear of them through notifications.
+DAEMON_INDEXES = frozenset({IrqIndex.ERR, IrqIndex.REQ})
+
 #: The ``how`` of a subscribe, most disruptive last.
 HOW_ORDER = ("already", "dynamic", "prearm", "resize")
 
@@ -531,6 +534,14 @@ class VectorTable:
             raise IrqdError(ENODEV, "the daemon is shutting down")
 
     def _check_vectors(self, index: IrqIndex, numbers: Sequence[int]) -> IrqInfo:
+        if index in DAEMON_INDEXES:
+            # The daemon arms these with its own eventfds (device_events.py); a
+            # client's eventfd would replace its trigger in the kernel.
+            raise IrqdError(
+                EINVAL,
+                f"{index.wire_name} belongs to the daemon: every client gets ERR as the "
+                "'err' notification and REQ as 'device_lost'",
+            )
         info = self.info[index]
         if info.count == 0:
             raise IrqdError(EINVAL, f"the device has no {index.wire_name} interrupt")

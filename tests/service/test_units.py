@@ -19,12 +19,12 @@ from .fakesystemd import FakeManager
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
-INSTALL = ROOT / "scripts" / "install-systemd-tools"
+INSTALL = ROOT / "scripts" / "install-test-tools"
 DEADLINE = 15
 
 
 def systemd_tool(name: str) -> str:
-    """The tool's path; skips only off CI and without root (scripts/install-systemd-tools)."""
+    """The tool's path; skips only off CI and without root (scripts/install-test-tools)."""
     path = shutil.which(name)
     if path is not None:
         return path
