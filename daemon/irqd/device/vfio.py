@@ -23,8 +23,9 @@ import contextlib
 import errno
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from irqd.errors import ConfigError
 
@@ -45,6 +46,18 @@ PCI_COMMAND_MASTER = 0x4
 
 SYSFS_PCI_DEVICES = Path("/sys/bus/pci/devices")
 DEV_VFIO = Path("/dev/vfio")
+
+
+#: The keys of ``handover_fds``/``adopt``: every fd that keeps the device open.
+HANDOVER_KEYS = ("container", "group", "device")
+
+
+class VfioAdoptError(ValueError):
+    """Fds handed over by a previous daemon process cannot be taken as this device.
+
+    A ``ValueError`` (not a ``ConfigError``): the daemon logs it and opens the
+    device afresh instead of refusing to start.
+    """
 
 
 class VfioOpenError(ConfigError):
@@ -108,6 +121,16 @@ def _open(path: Path, bdf: str) -> int:
                 exc.errno,
             ) from exc
         raise
+
+
+def _group_number(group_fd: int) -> int | None:
+    """The N of the ``/dev/vfio/N`` an fd has open; ``None`` if it is no such file."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{group_fd}")
+    except OSError:
+        return None
+    name = Path(target)
+    return int(name.name) if name.parent == DEV_VFIO and name.name.isdigit() else None
 
 
 def _close_quietly(fd: int) -> None:
@@ -228,6 +251,95 @@ class VfioDevice(Device):
                     exc.errno,
                 ) from exc
             raise
+
+    # -- restart without disarming (irqd.handover) ------------------------------------
+
+    def handover_fds(self) -> dict[str, int]:
+        """The container, group and device fds, by key, for systemd's fd store.
+
+        They stay this object's (the store gets duplicates through SCM_RIGHTS):
+        while the store holds them, closing them here does not release the
+        device, so MSI-X stays enabled and every eventfd stays assigned.
+        """
+        self._fd()  # EBADF once closed: nothing to hand over
+        return {"container": self._container, "group": self._group, "device": self._device}
+
+    def export_state(self) -> dict[str, Any]:
+        """What ``adopt`` checks the fds against: the address and the group number.
+
+        The interrupt setup itself is not in it: the kernel keeps it with the
+        device fd, and which vectors are assigned is the vector table's state.
+        """
+        return {"bdf": self.bdf, "group": self.group_number}
+
+    @classmethod
+    def adopt(
+        cls, bdf: str, fds: Mapping[str, int], state: Mapping[str, Any] | None
+    ) -> VfioDevice:
+        """The device a previous daemon process had open, from its fds, as it left it.
+
+        Nothing is opened, attached, reset or enabled: no ``VFIO_SET_IOMMU``,
+        no ``SET_IRQS``. The fds are only checked, with read-only ioctls, to
+        be what they claim (a container of this API version, a viable group
+        attached to a container, a PCI device fd) and to belong to ``bdf``'s
+        group. Owns ``fds`` from the call on: on ``VfioAdoptError`` they are
+        closed, which releases the device (the caller then opens it afresh).
+        """
+        try:
+            return cls._adopt(bdf, fds, state)
+        except BaseException:
+            for fd in fds.values():
+                _close_quietly(fd)
+            raise
+
+    @classmethod
+    def _adopt(
+        cls, bdf: str, fds: Mapping[str, int], state: Mapping[str, Any] | None
+    ) -> VfioDevice:
+        missing = [key for key in HANDOVER_KEYS if key not in fds]
+        if missing:
+            raise VfioAdoptError(
+                f"{bdf}: the handed-over device lacks its {', '.join(missing)} fd "
+                f"(got {sorted(fds) or 'none'}); it cannot be adopted"
+            )
+        extra = sorted(set(fds) - set(HANDOVER_KEYS))
+        if extra:
+            raise VfioAdoptError(f"{bdf}: unknown handed-over device fds {extra}")
+        if state is not None and state.get("bdf") != bdf:
+            raise VfioAdoptError(
+                f"{bdf}: the handed-over device is {state.get('bdf')!r}, not the configured one"
+            )
+        container, group, device = (fds[key] for key in HANDOVER_KEYS)
+        try:
+            version = io.get_api_version(container)
+            status = io.group_get_status(group)
+            info = io.device_get_info(device)
+        except OSError as exc:
+            raise VfioAdoptError(
+                f"{bdf}: a handed-over fd is not the VFIO object it is named after "
+                f"({exc.strerror})"
+            ) from exc
+        if version != io.VFIO_API_VERSION:
+            raise VfioAdoptError(f"{bdf}: the handed-over container has API version {version}")
+        if not (status.viable and status.container_set):
+            raise VfioAdoptError(
+                f"{bdf}: the handed-over group is not viable or has no container attached"
+            )
+        if not info.pci:
+            raise VfioAdoptError(f"{bdf}: the handed-over device fd is not a PCI device")
+        number = _group_number(group)
+        if state is not None and state.get("group") != number:
+            raise VfioAdoptError(
+                f"{bdf}: the handed-over group fd is group {number}, "
+                f"the stored state says {state.get('group')!r}"
+            )
+        self = cls.__new__(cls)
+        self.name = self.bdf = bdf
+        self._container, self._group, self._device = container, group, device
+        self.group_number = number
+        self.info = info
+        self._config = io.device_get_region_info(device, io.VFIO_PCI_CONFIG_REGION_INDEX)
+        return self
 
     # -- Device ----------------------------------------------------------------------
 

@@ -29,23 +29,9 @@ from irqd.logsetup import configure_logging
 from irqd.render import format_irq, format_ranges
 from irqproto.blocking import Client
 
-#: Upper bound for anything that should take well under a second.
-DEADLINE = 30.0
-
+from .helpers import DEADLINE, cli, env, poll_until, stop
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def cli(*args: str, timeout: float = DEADLINE) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m irqd ARGS`` to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "irqd", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-        check=False,
-    )
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
@@ -55,14 +41,8 @@ def spawn(*args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=env(),
     )
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("VFIO_IRQD_SOCKET", None)
-    return env
 
 
 class Lines:
@@ -95,33 +75,6 @@ class Lines:
         while (line := self.next(timeout)) is not None:
             out.append(line)
         return out
-
-
-def stop(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> int:
-    """Signal ``proc`` and wait for it (killing it if it hangs); its exit status."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            return proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-    return proc.returncode
-
-
-def poll_until(predicate: Any, what: str, timeout: float = DEADLINE) -> Any:
-    """Call ``predicate`` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 @pytest.fixture
