@@ -16,6 +16,10 @@ every fd it holds on the device, tells every client ``device_lost``
 ``{"reason": "request"}``, gives them a moment to read it and stops; the
 process exits 0. Later REQs change nothing.
 
+After a hand-over (irqd.handover) the daemon's REQ/ERR eventfds come from
+the previous process, still assigned in the kernel: a REQ or ERR signalled
+while no daemon ran waits in them and is acted on by this one.
+
 ERR: each signal is forwarded to every client as an ``err`` notification with
 the count read (docs/protocol.md, an extension). The daemon keeps running.
 """
@@ -53,7 +57,10 @@ class DeviceEvents:
         table: VectorTable,
         dispatcher: Dispatcher,
         sessions: Callable[[], list[Session]],
+        *,
+        adopted: dict[IrqIndex, EventFd] | None = None,
     ) -> None:
+        """Arm REQ and ERR; ``adopted`` (taken, emptied) are carried-over eventfds to use."""
         self.device = device
         self.table = table
         self.dispatcher = dispatcher
@@ -66,17 +73,32 @@ class DeviceEvents:
         self.requests = 0
         self.errors = 0
         self._eventfds: dict[IrqIndex, EventFd] = {}
+        carried = adopted if adopted is not None else {}
         for index in (IrqIndex.REQ, IrqIndex.ERR):
+            efd = carried.pop(index, None)
             if table.info[index].count > 0:
-                self._arm(index)
+                self._arm(index, efd)
+            elif efd is not None:
+                efd.close()
+        for efd in carried.values():  # not REQ/ERR: nothing to arm with it
+            efd.close()
+        carried.clear()
 
     @property
     def armed(self) -> list[IrqIndex]:
         """The indexes armed with the daemon's eventfds."""
         return list(self._eventfds)
 
-    def _arm(self, index: IrqIndex) -> None:
-        efd = EventFd()
+    def eventfds(self) -> dict[IrqIndex, int]:
+        """The armed eventfds' numbers, by index (for a hand-over)."""
+        return {index: efd.fileno() for index, efd in self._eventfds.items()}
+
+    def _arm(self, index: IrqIndex, adopted: EventFd | None = None) -> None:
+        # An adopted eventfd is assigned again all the same: on the kernel that
+        # swaps the trigger for the very same eventfd (its counter, and so any
+        # signal waiting in it, is untouched); the simulation, a new object in
+        # the new process, has no trigger until then.
+        efd = adopted if adopted is not None else EventFd()
         try:
             self.device.assign_eventfds(index, 0, [efd.fileno()])
         except OSError as exc:

@@ -16,18 +16,21 @@ somebody while no daemon process runs. So on ``SIGUSR2`` the daemon:
    the vector table with subscribers, totals and what the kernel has armed;
    the device's own state) into a sealed memfd;
 4. sends every fd with ``FDSTORE=1`` and a name — ``listener``,
-   ``client-<id>``, ``vector-<index>-<n>``, ``device-<key>``, and ``state``
-   last — waits for ``BARRIER=1``, and exits with :data:`EXIT_HANDED_OVER`,
-   which the unit's ``RestartForceExitStatus=`` turns into a restart.
+   ``client-<id>``, ``vector-<index>-<n>``, ``device-<key>``,
+   ``event-req``/``event-err`` (the daemon's own REQ/ERR eventfds), and
+   ``state`` last — waits for ``BARRIER=1``, and exits with
+   :data:`EXIT_HANDED_OVER`, which the unit's ``RestartForceExitStatus=`` turns into a restart.
 
 The new process finds ``state`` among its ``$LISTEN_FDNAMES``, adopts the
-device (no ``SET_IRQS`` call on INTx, MSI or MSI-X; only the daemon's own REQ
-and ERR triggers are armed afresh, which replaces them in one call), the
-eventfds (``EventFd.adopt``), the listener and each client socket, rebuilds
-sessions with their pending counts, and only then says ``READY=1``. It
-removes every adopted fd from the store again (``FDSTOREREMOVE=1``):
-otherwise systemd would keep each client socket open after the client's
-session ends, and the client would never see EOF.
+device (no ``SET_IRQS`` call on INTx, MSI or MSI-X; a real device from its
+container, group and device fds, ``VfioDevice.adopt``), the eventfds
+(``EventFd.adopt``), the REQ/ERR eventfds (assigned again, the same eventfd
+in one call: a no-op on the kernel, which kept them, and what the simulation
+needs; a REQ or ERR signalled meanwhile waits in them), the listener and
+each client socket, rebuilds sessions with their pending counts, and only
+then says ``READY=1``. It removes every adopted fd from the store again
+(``FDSTOREREMOVE=1``): otherwise systemd would keep each client socket open
+after the client's session ends, and the client would never see EOF.
 
 Counts stay exact because every eventfd signal is either read before step 2
 (and sits in a session's serialized pending counts) or after it (by the new
@@ -56,10 +59,12 @@ from irqd.eventfd import EventFd, is_eventfd
 __all__ = [
     "CLIENT_PREFIX",
     "DEVICE_PREFIX",
+    "EVENT_PREFIX",
     "EXIT_HANDED_OVER",
     "LISTENER_NAME",
     "STATE_NAME",
     "STATE_VERSION",
+    "STORED_PREFIXES",
     "VECTOR_PREFIX",
     "Carried",
     "HandoverError",
@@ -67,6 +72,7 @@ __all__ = [
     "adopt_device",
     "client_fd_name",
     "device_fds",
+    "event_fd_name",
     "export_device",
     "parse_client_fd_name",
     "parse_vector_fd_name",
@@ -89,6 +95,10 @@ LISTENER_NAME = "listener"
 CLIENT_PREFIX = "client-"
 VECTOR_PREFIX = "vector-"
 DEVICE_PREFIX = "device-"
+EVENT_PREFIX = "event-"
+
+#: Every prefix of a name that comes from the fd store.
+STORED_PREFIXES = (CLIENT_PREFIX, VECTOR_PREFIX, DEVICE_PREFIX, EVENT_PREFIX)
 
 #: Bumped whenever the layout of the state changes incompatibly; a new daemon
 #: refuses state it does not understand and starts afresh instead.
@@ -111,6 +121,11 @@ def parse_vector_fd_name(name: str) -> tuple[IrqIndex, int] | None:
     """Inverse of :func:`vector_fd_name`; ``None`` for any other name."""
     match = _VECTOR_RE.match(name)
     return (IrqIndex(int(match[1])), int(match[2])) if match else None
+
+
+def event_fd_name(index: IrqIndex) -> str:
+    """``event-req`` / ``event-err``: the FDNAME of the daemon's own REQ/ERR eventfd."""
+    return f"{EVENT_PREFIX}{index.wire_name}"
 
 
 def client_fd_name(session_id: int) -> str:
@@ -213,14 +228,16 @@ class Carried:
     eventfds: dict[tuple[IrqIndex, int], EventFd] = field(default_factory=dict)
     clients: dict[int, int] = field(default_factory=dict)
     device_fds: dict[str, int] = field(default_factory=dict)
+    #: The daemon's own REQ/ERR eventfds (irqd.device_events), still assigned.
+    events: dict[IrqIndex, EventFd] = field(default_factory=dict)
 
     def close(self) -> None:
         """Give up on all of it (the state could not be used)."""
-        for efd in self.eventfds.values():
+        for efd in [*self.eventfds.values(), *self.events.values()]:
             efd.close()
         for fd in [*self.clients.values(), *self.device_fds.values()]:
             os.close(fd)
-        self.eventfds, self.clients, self.device_fds = {}, {}, {}
+        self.eventfds, self.clients, self.device_fds, self.events = {}, {}, {}, {}
 
 
 def stored_names(inherited: InheritedFds) -> list[str]:
@@ -228,8 +245,7 @@ def stored_names(inherited: InheritedFds) -> list[str]:
     return [
         name
         for name in inherited.names()
-        if name in (STATE_NAME, LISTENER_NAME)
-        or name.startswith((CLIENT_PREFIX, VECTOR_PREFIX, DEVICE_PREFIX))
+        if name in (STATE_NAME, LISTENER_NAME) or name.startswith(STORED_PREFIXES)
     ]
 
 
@@ -248,6 +264,12 @@ def take_carried(inherited: InheritedFds) -> Carried | None:
             os.close(fd)
             continue
         carried.eventfds[key] = EventFd.adopt(fd)
+    for name, fd in inherited.take_prefix(EVENT_PREFIX).items():
+        wire = name[len(EVENT_PREFIX) :]
+        if wire not in ("req", "err") or not is_eventfd(fd):
+            os.close(fd)
+            continue
+        carried.events[IrqIndex.from_wire(wire)] = EventFd.adopt(fd)
     for name, fd in inherited.take_prefix(CLIENT_PREFIX).items():
         sid = parse_client_fd_name(name)
         if sid is None:
@@ -255,7 +277,7 @@ def take_carried(inherited: InheritedFds) -> Carried | None:
             continue
         carried.clients[sid] = fd
     if state_fd is None:
-        if carried.eventfds or carried.clients or carried.device_fds:
+        if carried.eventfds or carried.clients or carried.device_fds or carried.events:
             log.error("handover.no_state", note="stored fds without their state are closed")
         carried.close()
         return None
@@ -297,10 +319,9 @@ def adopt_device(carried: Carried, fresh: Callable[[], Device], bdf: str | None)
         return device
     from irqd.device.vfio import VfioDevice  # noqa: PLC0415  only real devices need it
 
-    adopt = getattr(VfioDevice, "adopt", None)
-    if adopt is None or bdf is None:
-        raise HandoverError("this build's VFIO backend cannot adopt a stored device")
+    if bdf is None:
+        raise HandoverError("the stored state is of a real device; the simulation is configured")
     held = carried.device_fds
     carried.device_fds = {}
-    adopted: Device = adopt(bdf, held, described.get("state"))
-    return adopted
+    # Owns ``held`` from here: closes them if they cannot be adopted.
+    return VfioDevice.adopt(bdf, held, described.get("state"))

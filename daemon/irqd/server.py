@@ -39,17 +39,17 @@ from irqd.errors import E2BIG, EACCES, EIO, ENOSPC, EPROTO, ConfigError, IrqdErr
 from irqd.eventfd import EventFd
 from irqd.handlers import AccessDenied, Handlers, Reply
 from irqd.handover import (
-    CLIENT_PREFIX,
     DEVICE_PREFIX,
     EXIT_HANDED_OVER,
     LISTENER_NAME,
     STATE_NAME,
-    VECTOR_PREFIX,
+    STORED_PREFIXES,
     HandoverError,
     StoredFds,
     adopt_device,
     client_fd_name,
     device_fds,
+    event_fd_name,
     export_device,
     stored_names,
     take_carried,
@@ -153,6 +153,9 @@ class Daemon:
     dispatcher: Dispatcher = field(default_factory=Dispatcher)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     sessions: dict[int, Session] = field(default_factory=dict)
+    #: REQ/ERR eventfds carried over from a previous process (irqd.handover);
+    #: taken (emptied) by ``DeviceEvents``.
+    carried_events: dict[IrqIndex, EventFd] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.table = VectorTable(
@@ -170,7 +173,11 @@ class Daemon:
         )
         # REQ and ERR, armed now (irqd/device_events.py).
         self.events = DeviceEvents(
-            self.device, self.table, self.dispatcher, lambda: list(self.sessions.values())
+            self.device,
+            self.table,
+            self.dispatcher,
+            lambda: list(self.sessions.values()),
+            adopted=self.carried_events,
         )
         self._next_id = 1
         self._init_service()
@@ -515,6 +522,10 @@ class Daemon:
             stored.add(f"{DEVICE_PREFIX}{key}", fd)
         for (index, vector), fd in self.table.eventfds().items():
             stored.add(vector_fd_name(index, vector), fd)
+        # REQ/ERR stay assigned to these in the kernel: one signalled before the
+        # next process runs waits in its eventfd instead of going nowhere.
+        for index, fd in self.events.eventfds().items():
+            stored.add(event_fd_name(index), fd)
         for session in sessions:
             stored.add(client_fd_name(session.id), session.sock.fileno())
         state = {
@@ -910,12 +921,21 @@ def describe(config: ServerConfig, daemon: Daemon) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_daemon(config: ServerConfig, device: Device | None = None) -> Iterator[Daemon]:
-    """A ``Daemon`` whose device and fds are released however the block ends."""
+def running_daemon(
+    config: ServerConfig,
+    device: Device | None = None,
+    events: dict[IrqIndex, EventFd] | None = None,
+) -> Iterator[Daemon]:
+    """A ``Daemon`` whose device and fds are released however the block ends.
+
+    ``events``: REQ/ERR eventfds carried over by a hand-over (owned from now on).
+    """
     device = device if device is not None else open_device(config)
     try:
-        daemon = Daemon(config, device)
+        daemon = Daemon(config, device, carried_events=dict(events or {}))
     except BaseException:
+        for efd in (events or {}).values():
+            efd.close()
         device.close()
         raise
     try:
@@ -925,9 +945,7 @@ def running_daemon(config: ServerConfig, device: Device | None = None) -> Iterat
 
 
 def _from_store(name: str) -> bool:
-    return name in (STATE_NAME, LISTENER_NAME) or name.startswith(
-        (CLIENT_PREFIX, VECTOR_PREFIX, DEVICE_PREFIX)
-    )
+    return name in (STATE_NAME, LISTENER_NAME) or name.startswith(STORED_PREFIXES)
 
 
 async def _watch_device(daemon: Daemon, source: UeventSource, bdf: str) -> None:
@@ -1000,7 +1018,8 @@ async def serve(
         left = inherited.close_rest()
         if left:
             log.warning("activation.unused_fds", names=left)
-        with running_daemon(config, device) as daemon:
+        events = carried.events if carried is not None else None
+        with running_daemon(config, device, events) as daemon:
             daemon.notifier = notifier
             daemon.socket_path = config.socket_path if owns_path else None
             if carried is not None:

@@ -116,7 +116,8 @@ async def restart_with_clients(
             stored = manager.take_store()
             names = [name for name, _ in stored]
             assert names[-1] == "state"
-            assert {"listener", "vector-2-0", "vector-2-3"} <= set(names)
+            # event-req: the daemon's own REQ eventfd, kept assigned across the restart.
+            assert {"listener", "vector-2-0", "vector-2-3", "event-req"} <= set(names)
             assert sum(name.startswith("client-") for name in names) == 2
             # Nobody runs the device now: these wait in the eventfds.
             for fd in hw.values():

@@ -33,6 +33,7 @@ STEPS = (
     "host_fire",
     "trigger",
     "grow",
+    "handover",
     "unbind",
 )
 
@@ -94,7 +95,22 @@ def test_kernel(prerequisites: None, label: str) -> None:
     assert 1 <= steps["host_fire"]["burst_seen"] <= steps["host_fire"]["burst_written"]
     written = result.host_fire["written"]
     assert isinstance(written, dict) and written, "the host wrote no peer eventfd"
-    # Unbinding while subscribed: prompt, and every client told.
+    # Restart through the fd store (guest/main.py plays systemd): the real
+    # device adopted from its fds, interrupts raised before, during, while no
+    # daemon ran and after, all delivered exactly, on the same connections.
+    handover = steps["handover"]
+    assert handover["old_exit"] == 75
+    assert handover["exact"], handover
+    assert all(n > 0 for n in handover["raised_per_vector"].values()), handover
+    assert handover["clients_after"] == handover["clients_before"]
+    assert handover["stored"]["device-"] == ["device-container", "device-device", "device-group"]
+    assert "event-req" in handover["stored"]["event-"]
+    assert len(handover["stored"]["client-"]) == 3
+    assert handover["stored_last"] == "state"
+    assert not handover["adopt_failed_log"], handover
+    assert [e["vectors_reassigned"] for e in handover["adopted_log"]] == [[]], handover
+    # Unbinding while subscribed (the adopted daemon, on its adopted REQ
+    # eventfd): prompt, and every client told.
     assert steps["unbind"]["unbind_seconds"] < 10
     assert steps["unbind"]["daemon_exit"] == 0
     assert all(r in ("request", "removed") for r in steps["unbind"]["reasons"])

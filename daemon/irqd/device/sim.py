@@ -256,7 +256,8 @@ class SimDevice(Device):
         this is what it needs to be the same device. The assigned eventfds are
         not in it: they are the vector table's eventfds (each trigger is a dup
         of one), which travel through the fd store anyway, so ``import_state``
-        takes them from there. The ERR/REQ triggers are not carried.
+        takes them from there. The ERR/REQ triggers are not in it either: the
+        daemon carries its own REQ/ERR eventfds and assigns them again.
         """
         return {
             "active": None if self._active is None else int(self._active),

@@ -273,9 +273,7 @@ class VfioDevice(Device):
         return {"bdf": self.bdf, "group": self.group_number}
 
     @classmethod
-    def adopt(
-        cls, bdf: str, fds: Mapping[str, int], state: Mapping[str, Any] | None
-    ) -> VfioDevice:
+    def adopt(cls, bdf: str, fds: Mapping[str, int], state: Mapping[str, Any] | None) -> VfioDevice:
         """The device a previous daemon process had open, from its fds, as it left it.
 
         Nothing is opened, attached, reset or enabled: no ``VFIO_SET_IOMMU``,
@@ -316,8 +314,7 @@ class VfioDevice(Device):
             info = io.device_get_info(device)
         except OSError as exc:
             raise VfioAdoptError(
-                f"{bdf}: a handed-over fd is not the VFIO object it is named after "
-                f"({exc.strerror})"
+                f"{bdf}: a handed-over fd is not the VFIO object it is named after ({exc.strerror})"
             ) from exc
         if version != io.VFIO_API_VERSION:
             raise VfioAdoptError(f"{bdf}: the handed-over container has API version {version}")
@@ -328,6 +325,8 @@ class VfioDevice(Device):
         if not info.pci:
             raise VfioAdoptError(f"{bdf}: the handed-over device fd is not a PCI device")
         number = _group_number(group)
+        if number is None:
+            raise VfioAdoptError(f"{bdf}: the handed-over group fd is not a /dev/vfio/N file")
         if state is not None and state.get("group") != number:
             raise VfioAdoptError(
                 f"{bdf}: the handed-over group fd is group {number}, "

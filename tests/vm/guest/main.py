@@ -13,10 +13,16 @@ traceback and the rest still run, so one failure shows all the others.
 from __future__ import annotations
 
 import argparse
+import array
+import importlib.util
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -37,6 +43,12 @@ REPO = HERE.parents[2]
 BDF = "0000:00:05.0"  # vmkit.IVSHMEM_BDF: the slot QEMU was told
 SOCKET = "/tmp/irqd.sock"
 DAEMON_LOG = Path("/tmp/irqd.log")
+#: The log of the daemon process started by the hand-over (handover step).
+NEW_DAEMON_LOG = Path("/tmp/irqd-new.log")
+NOTIFY_SOCKET = "/tmp/notify"
+#: Doorbell rounds per vector before the hand-over, after SIGUSR2 until the old
+#: process exits (at least), while no daemon runs, and after the new one is ready.
+HANDOVER_ROUNDS = {"before": 40, "during": 10, "gap": 40, "after": 40}
 #: The vectors every client subscribes to (inside the pre-armed range on 6.1).
 VECTORS = [0, 1, 2, 3]
 #: The vector the grow check adds (beyond ``--msix-prearm 4`` on 6.1).
@@ -166,6 +178,109 @@ class Doorbell:
         self.regs[3] = self.own_id << 16 | vector  # DOORBELL, BAR0 + 12
 
 
+class Interrupts:
+    """The kernel's own count of each vfio-msix vector's interrupts (/proc/interrupts).
+
+    vfio-pci's handler signals the vector's eventfd once per interrupt, whether
+    or not a daemon runs, so this is what the daemon must eventually deliver.
+    """
+
+    def __init__(self, bdf: str) -> None:
+        self.pattern = re.compile(r"^\s*\d+:((?:\s+\d+)+)\s.*vfio-msix\[(\d+)\]\(" + re.escape(bdf))
+
+    def counts(self) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for line in Path("/proc/interrupts").read_text().splitlines():
+            match = self.pattern.match(line)
+            if match:
+                found[int(match[2])] = sum(int(n) for n in match[1].split())
+        return found
+
+    def ring_and_wait(self, bell: Doorbell, vector: int, timeout: float = 5.0) -> None:
+        """One doorbell, then wait for its interrupt: paced so that none coalesce
+        (QEMU reads the doorbell's eventfd as a sum; the APIC merges a pending vector)."""
+        before = self.counts().get(vector, 0)
+        bell.ring(vector)
+        deadline = time.monotonic() + timeout
+        while self.counts().get(vector, 0) == before:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"doorbell {vector}: no interrupt within {timeout}s")
+            time.sleep(0.0002)
+
+
+class FakeSystemd:
+    """systemd's side of sd_notify, blocking, in a thread: keeps FDSTORE=1 fds by name.
+
+    As tests/service/fakesystemd.py (the trio one the sim test uses): answers
+    BARRIER=1 by closing its fd, drops fds on FDSTOREREMOVE=1.
+    """
+
+    def __init__(self, path: str) -> None:
+        with_fds = socket.CMSG_SPACE(253 * array.array("i").itemsize)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(path)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.messages: list[dict[str, str]] = []
+        self.store: list[tuple[str, int]] = []
+        self.lock = threading.Condition()
+        self.anc = with_fds
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(65536, self.anc)
+            except OSError:
+                return
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % array.array("i").itemsize
+                    fds.extend(array.array("i", payload[:usable]))
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self.lock:
+                if fields.get("FDSTORE") == "1":
+                    self.store.extend((fields.get("FDNAME", "stored"), fd) for fd in fds)
+                    fds = []
+                elif fields.get("FDSTOREREMOVE") == "1":
+                    name = fields.get("FDNAME", "")
+                    for _, fd in [e for e in self.store if e[0] == name]:
+                        os.close(fd)
+                    self.store = [e for e in self.store if e[0] != name]
+                for fd in fds:  # BARRIER=1's, and any other
+                    os.close(fd)
+                self.messages.append(fields)
+                self.lock.notify_all()
+
+    def wait_for(self, key: str, value: str, since: int, timeout: float) -> None:
+        with self.lock:
+            ok = self.lock.wait_for(
+                lambda: any(m.get(key) == value for m in self.messages[since:]), timeout
+            )
+        assert ok, f"no {key}={value} within {timeout}s"
+
+    def take_store(self) -> list[tuple[str, int]]:
+        with self.lock:
+            store, self.store = self.store, []
+        return store
+
+    def close(self) -> None:
+        for _, fd in self.take_store():
+            os.close(fd)
+        self.sock.close()
+
+
+def launcher() -> str:
+    """tests/service/fakesystemd.py's LAUNCHER: fds at 3.. and ``$LISTEN_FDS``, then exec."""
+    spec = importlib.util.spec_from_file_location(
+        "fakesystemd", REPO / "tests" / "service" / "fakesystemd.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.LAUNCHER)
+
+
 class Control:
     """The line to the host (ttyS1): ``fire V,...`` and ``burst V N``, answered ``ok``."""
 
@@ -194,14 +309,24 @@ class DaemonRun:
         self.noresize = label == "6.1"
         self.proc: subprocess.Popen[bytes] | None = None
         self.clients: list[Tally] = []
+        self.systemd: FakeSystemd | None = None
+        self.argv: list[str] = []
+        self.env: dict[str, str] = {}
 
     def start(self) -> dict[str, Any]:
-        argv = [sys.executable, "-m", "irqd", "serve", "--device", BDF, "--socket", SOCKET]
+        argv = ["-m", "irqd", "serve", "--device", BDF, "--socket", SOCKET]
         if self.noresize:
             argv += ["--msix-prearm", "4"]  # so GROW_VECTOR takes the grow path
         argv += ["--log-format", "json"]
+        self.argv = argv
+        # Under a (fake) service manager from the start: the handover step needs
+        # its fd store; nothing else changes.
+        self.systemd = FakeSystemd(NOTIFY_SOCKET)
+        self.env = {**os.environ, "NOTIFY_SOCKET": NOTIFY_SOCKET, "PYTHONUNBUFFERED": "1"}
         log = DAEMON_LOG.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd="/tmp")
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, cwd="/tmp", env=self.env
+        )
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -324,6 +449,100 @@ class DaemonRun:
         result["ok"] = ok
         return result
 
+    def check_handover(self) -> dict[str, Any]:
+        """Restart through the fd store while the device keeps interrupting.
+
+        Doorbells before SIGUSR2, while the old process hands over, while no
+        daemon runs (the kernel keeps MSI-X enabled and the eventfds assigned:
+        they wait there) and after the new process is ready; each paced by the
+        kernel's own count. Every client must get exactly what was raised, on
+        the connection it had.
+        """
+        assert self.proc is not None and self.systemd is not None
+        grower = self.clients[2]
+        # Settle: every client has all of VECTORS as the grower, who waited for them.
+        settled = {v: grower.counts.get(v, 0) for v in VECTORS}
+        # The grower also has GROW_VECTOR, which nobody rings here: it must stay.
+        others = {t: {v: n for v, n in t.counts.items() if v not in VECTORS} for t in self.clients}
+        for tally in self.clients:
+            tally.wait_counts({**settled, **others[tally]})
+        ids_before = {c["name"]: c["id"] for c in self.clients[0].client.stats()["clients"]}
+        bell, irqs = Doorbell(BDF), Interrupts(BDF)
+        raised = dict.fromkeys(HANDOVER_ROUNDS, 0)
+
+        def rounds(phase: str, n: int) -> None:
+            for _ in range(n):
+                for v in VECTORS:
+                    irqs.ring_and_wait(bell, v)
+                raised[phase] += 1
+
+        rounds("before", HANDOVER_ROUNDS["before"])
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGUSR2)
+        # While the old process parks clients and stores its fds, and until it is gone.
+        rounds("during", HANDOVER_ROUNDS["during"])
+        while self.proc.poll() is None:
+            rounds("during", 1)
+            assert time.monotonic() - started < 15, "the old daemon did not hand over"
+        old_exit = self.proc.returncode
+        stored = self.systemd.take_store()
+        names = [name for name, _ in stored]
+        rounds("gap", HANDOVER_ROUNDS["gap"])
+        fds = [fd for _, fd in stored]
+        mark = len(self.systemd.messages)
+        env = {
+            **self.env,
+            "HANDOVER_FDS": ",".join(map(str, fds)),
+            "LISTEN_FDNAMES": ":".join(names),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", launcher(), *self.argv],
+            stdout=NEW_DAEMON_LOG.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd="/tmp",
+            env=env,
+            pass_fds=fds,
+        )
+        # The store's copies are the new process's now; ours would keep client
+        # sockets and the device open after the daemon lets go of them.
+        for fd in fds:
+            os.close(fd)
+        self.systemd.wait_for("READY", "1", since=mark, timeout=30)
+        pause = time.monotonic() - started
+        rounds("after", HANDOVER_ROUNDS["after"])
+        total = sum(raised.values())
+        expected = {v: settled[v] + total for v in VECTORS}
+        for tally in self.clients:
+            tally.wait_counts({**expected, **others[tally]})
+        counts = [dict(t.counts) for t in self.clients]
+        exact = all(t.counts == {**expected, **others[t]} for t in self.clients)
+        ids_after = {c["name"]: c["id"] for c in self.clients[0].client.stats()["clients"]}
+        # The new process's word: adopted, no vector assigned afresh, nothing refused.
+        logged = [json.loads(line) for line in NEW_DAEMON_LOG.read_text().splitlines() if line]
+        adopted = [e for e in logged if e.get("event") == "handover.adopted"]
+        refused = [e for e in logged if e.get("event") == "handover.adopt_failed"]
+        prefixes = ("device-", "event-", "vector-", "client-")
+        return {
+            "ok": exact
+            and old_exit == 75
+            and ids_after == ids_before
+            and len(adopted) == 1
+            and adopted[0].get("vectors_reassigned") == []
+            and not refused,
+            "adopted_log": adopted,
+            "adopt_failed_log": refused,
+            "exact": exact,
+            "old_exit": old_exit,
+            "raised_per_vector": raised,
+            "expected": expected,
+            "counts": counts,
+            "clients_before": ids_before,
+            "clients_after": ids_after,
+            "stored": {p: sorted(n for n in names if n.startswith(p)) for p in prefixes},
+            "stored_last": names[-1] if names else None,
+            "pause_seconds": round(pause, 2),
+        }
+
     def check_unbind(self) -> dict[str, Any]:
         """driver/unbind while clients are subscribed: REQ → device_lost → exit 0."""
         assert self.proc is not None
@@ -354,6 +573,8 @@ class DaemonRun:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.systemd is not None:
+            self.systemd.close()
 
 
 def main() -> int:
@@ -388,10 +609,14 @@ def main() -> int:
             step("host_fire", run.check_host_fire)
             step("trigger", run.check_trigger)
             step("grow", run.check_grow)
+            step("handover", run.check_handover)
             step("unbind", run.check_unbind)
     finally:
         run.stop()
         results["daemon_log"] = DAEMON_LOG.read_text()[-3000:] if DAEMON_LOG.exists() else ""
+        if NEW_DAEMON_LOG.exists():
+            results["daemon_log"] += "\n--- after the hand-over ---\n"
+            results["daemon_log"] += NEW_DAEMON_LOG.read_text()[-3000:]
         out.write_text(json.dumps(results, indent=1))
     return 0
 
