@@ -14,29 +14,25 @@ from pathlib import Path
 
 import trio
 
-#: Room for the most fds one message may carry (SCM_MAX_FD).
-_ANC = socket.CMSG_SPACE(253 * array.array("i").itemsize)
+#: recvmsg's ancillary buffer: room for the most fds one message may carry (SCM_MAX_FD).
+ANCILLARY_SIZE = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 
 
-class FakeManager:
-    """A ``$NOTIFY_SOCKET`` at ``path``."""
+class NotifyState:
+    """What the service manager keeps from sd_notify datagrams; no I/O.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        raw.bind(str(path))
-        # Room for thousands of FDSTORE datagrams while the test is busy elsewhere.
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock = trio.socket.from_stdlib_socket(raw)
+    Shared by :class:`FakeManager` (Trio, the host's tests) and the threaded
+    fake in tests/vm/guest/main.py, so both act on a message the same way.
+    """
+
+    def __init__(self) -> None:
         #: Every message, in order, as its fields.
         self.messages: list[dict[str, str]] = []
         #: The fd store: (name, fd) in the order they arrived.
         self.store: list[tuple[str, int]] = []
-        self._arrived = trio.Event()
 
-    async def receive(self) -> dict[str, str]:
-        """The next message, after acting on it as systemd would."""
-        data, ancdata, _flags, _addr = await self.sock.recvmsg(65536, _ANC)
+    def handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]]) -> dict[str, str]:
+        """Record one datagram and act on it as systemd would; its fields."""
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -44,18 +40,55 @@ class FakeManager:
                 fds.extend(array.array("i", payload[:usable]))
         fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
         self.messages.append(fields)
-        if fields.get("BARRIER") == "1":
-            for fd in fds:
-                os.close(fd)
-        elif fields.get("FDSTORE") == "1":
+        if fields.get("FDSTORE") == "1":
             name = fields.get("FDNAME", "stored")
             self.store.extend((name, fd) for fd in fds)
         else:
             if fields.get("FDSTOREREMOVE") == "1":
                 self.remove(fields.get("FDNAME", ""))
-            for fd in fds:
+            for fd in fds:  # BARRIER=1's, and any other
                 os.close(fd)
         return fields
+
+    def remove(self, name: str) -> None:
+        """``FDSTOREREMOVE=1``: close and forget every stored fd called ``name``."""
+        for _, fd in [e for e in self.store if e[0] == name]:
+            os.close(fd)
+        self.store = [e for e in self.store if e[0] != name]
+
+    def take_store(self) -> list[tuple[str, int]]:
+        """The stored fds, handed to the caller (the next start of the service)."""
+        store, self.store = self.store, []
+        return store
+
+    def close_store(self) -> None:
+        """Close every fd still in the store."""
+        for _, fd in self.take_store():
+            os.close(fd)
+
+
+def open_notify_socket(path: Path) -> socket.socket:
+    """The bound datagram socket a ``$NOTIFY_SOCKET`` points at."""
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    raw.bind(str(path))
+    # Room for thousands of FDSTORE datagrams while the test is busy elsewhere.
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return raw
+
+
+class FakeManager(NotifyState):
+    """A ``$NOTIFY_SOCKET`` at ``path``, read from Trio."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.sock = trio.socket.from_stdlib_socket(open_notify_socket(path))
+        self._arrived = trio.Event()
+
+    async def receive(self) -> dict[str, str]:
+        """The next message, after acting on it as systemd would."""
+        data, ancdata, _flags, _addr = await self.sock.recvmsg(65536, ANCILLARY_SIZE)
+        return self.handle(data, ancdata)
 
     async def run(self) -> None:
         """Receive forever (start it in a nursery); ``wait_for`` sees what arrives."""
@@ -73,20 +106,8 @@ class FakeManager:
             since = len(self.messages)
             await self._arrived.wait()
 
-    def remove(self, name: str) -> None:
-        """``FDSTOREREMOVE=1``: close and forget every stored fd called ``name``."""
-        for _, fd in [e for e in self.store if e[0] == name]:
-            os.close(fd)
-        self.store = [e for e in self.store if e[0] != name]
-
-    def take_store(self) -> list[tuple[str, int]]:
-        """The stored fds, handed to the caller (the next start of the service)."""
-        store, self.store = self.store, []
-        return store
-
     def close(self) -> None:
-        for _, fd in self.take_store():
-            os.close(fd)
+        self.close_store()
         self.sock.close()
 
 

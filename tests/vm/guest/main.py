@@ -13,13 +13,11 @@ traceback and the rest still run, so one failure shows all the others.
 from __future__ import annotations
 
 import argparse
-import array
 import importlib.util
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -211,20 +209,22 @@ class Interrupts:
 class FakeSystemd:
     """systemd's side of sd_notify, blocking, in a thread: keeps FDSTORE=1 fds by name.
 
-    As tests/service/fakesystemd.py (the trio one the sim test uses): answers
-    BARRIER=1 by closing its fd, drops fds on FDSTOREREMOVE=1.
+    The bookkeeping is tests/service/fakesystemd.py's ``NotifyState``, the one
+    the sim's hand-over test uses; only the reading differs (a thread here).
     """
 
     def __init__(self, path: str) -> None:
-        with_fds = socket.CMSG_SPACE(253 * array.array("i").itemsize)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.messages: list[dict[str, str]] = []
-        self.store: list[tuple[str, int]] = []
+        module = fakesystemd()
+        self.state = module.NotifyState()
+        self.sock = module.open_notify_socket(Path(path))
+        self.anc: int = module.ANCILLARY_SIZE
         self.lock = threading.Condition()
-        self.anc = with_fds
         threading.Thread(target=self._run, daemon=True).start()
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        messages: list[dict[str, str]] = self.state.messages
+        return messages
 
     def _run(self) -> None:
         while True:
@@ -232,24 +232,8 @@ class FakeSystemd:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(65536, self.anc)
             except OSError:
                 return
-            fds: list[int] = []
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    usable = len(payload) - len(payload) % array.array("i").itemsize
-                    fds.extend(array.array("i", payload[:usable]))
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             with self.lock:
-                if fields.get("FDSTORE") == "1":
-                    self.store.extend((fields.get("FDNAME", "stored"), fd) for fd in fds)
-                    fds = []
-                elif fields.get("FDSTOREREMOVE") == "1":
-                    name = fields.get("FDNAME", "")
-                    for _, fd in [e for e in self.store if e[0] == name]:
-                        os.close(fd)
-                    self.store = [e for e in self.store if e[0] != name]
-                for fd in fds:  # BARRIER=1's, and any other
-                    os.close(fd)
-                self.messages.append(fields)
+                self.state.handle(data, ancdata)
                 self.lock.notify_all()
 
     def wait_for(self, key: str, value: str, since: int, timeout: float) -> None:
@@ -261,24 +245,29 @@ class FakeSystemd:
 
     def take_store(self) -> list[tuple[str, int]]:
         with self.lock:
-            store, self.store = self.store, []
+            store: list[tuple[str, int]] = self.state.take_store()
         return store
 
     def close(self) -> None:
-        for _, fd in self.take_store():
-            os.close(fd)
+        with self.lock:
+            self.state.close_store()
         self.sock.close()
 
 
-def launcher() -> str:
-    """tests/service/fakesystemd.py's LAUNCHER: fds at 3.. and ``$LISTEN_FDS``, then exec."""
+def fakesystemd() -> Any:
+    """tests/service/fakesystemd.py, loaded by path (tests/ is not a package)."""
     spec = importlib.util.spec_from_file_location(
         "fakesystemd", REPO / "tests" / "service" / "fakesystemd.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return str(module.LAUNCHER)
+    return module
+
+
+def launcher() -> str:
+    """tests/service/fakesystemd.py's LAUNCHER: fds at 3.. and ``$LISTEN_FDS``, then exec."""
+    return str(fakesystemd().LAUNCHER)
 
 
 class Control:
