@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -39,6 +39,8 @@ from irqd.session import Session
 from irqd.stats import LatencyHistogram
 from irqd.vectors import VectorTable
 from irqproto import methods as m
+
+_S = TypeVar("_S", AccessPolicy, ServerLimits)
 
 log = structlog.get_logger("irqd.handlers")
 
@@ -253,25 +255,22 @@ def settings_of(config: ServerConfig) -> tuple[AccessPolicy, ServerLimits]:
     Each may be the parsed object, the raw config-file table, or ``None`` for
     the defaults.
     """
-    access = config.access_policy
-    if access is None:
-        policy = AccessPolicy()
-    elif isinstance(access, AccessPolicy):
-        policy = access
-    elif isinstance(access, Mapping):
-        policy = AccessPolicy.from_mapping(access)
-    else:
-        raise ConfigError(f"access: expected an AccessPolicy or a table, got {access!r:.60}")
-    raw = config.server_limits
-    if raw is None:
-        limits = ServerLimits()
-    elif isinstance(raw, ServerLimits):
-        limits = raw
-    elif isinstance(raw, Mapping):
-        limits = ServerLimits.from_mapping(raw)
-    else:
-        raise ConfigError(f"limits: expected ServerLimits or a table, got {raw!r:.60}")
+    policy = _parsed(config.access_policy, AccessPolicy, AccessPolicy.from_mapping, "access")
+    limits = _parsed(config.server_limits, ServerLimits, ServerLimits.from_mapping, "limits")
     return policy, limits
+
+
+def _parsed(
+    value: object, kind: type[_S], from_mapping: Callable[[Mapping[str, Any]], _S], key: str
+) -> _S:
+    """``value`` as a ``kind``: already one, a config-file table, or ``None`` for defaults."""
+    if value is None:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, Mapping):
+        return from_mapping(value)
+    raise ConfigError(f"{key}: expected {kind.__name__} or a table, got {value!r:.60}")
 
 
 def _dup(fd: int) -> int:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,9 +66,6 @@ EXCLUSIVE_INDEXES = frozenset({IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX})
 
 #: Indexes the daemon arms for itself; clients hear of them through notifications.
 DAEMON_INDEXES = frozenset({IrqIndex.ERR, IrqIndex.REQ})
-
-#: The ``how`` of a subscribe, most disruptive last.
-HOW_ORDER = ("already", "dynamic", "prearm", "resize")
 
 
 def make_token(index: IrqIndex, vector: int) -> int:
@@ -792,8 +789,3 @@ def resolve_prearm(info: IrqInfo, wanted: int | None) -> int:
             f"--msix-prearm {wanted}: must be between 1 and the MSI-X table size ({info.count})"
         )
     return wanted
-
-
-def merge_how(values: Iterable[str]) -> str:
-    """The most disruptive of several ``how`` values."""
-    return max(values, key=HOW_ORDER.index, default="already")

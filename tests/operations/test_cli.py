@@ -12,7 +12,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from irqd.logsetup import configure_logging
 from irqd.render import format_irq, format_ranges
 from irqproto.blocking import Client
 
-from .helpers import DEADLINE, cli, env, poll_until, stop
+from .helpers import DEADLINE, cli, env, irqd_argv, poll_until, running_daemon, stop
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -37,7 +36,7 @@ from .helpers import DEADLINE, cli, env, poll_until, stop
 def spawn(*args: str) -> subprocess.Popen[str]:
     """Start ``python -m irqd ARGS`` with stdout and stderr piped."""
     return subprocess.Popen(
-        [sys.executable, "-m", "irqd", *args],
+        irqd_argv(*args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -81,14 +80,8 @@ class Lines:
 def daemon(tmp_path: Path) -> Iterator[Path]:
     """A ``serve --sim`` subprocess on a private socket; yields the socket path."""
     sock = tmp_path / "irqd.sock"
-    proc = spawn("serve", "--sim", "--socket", str(sock), "--log-format", "json")
-    try:
-        wait_for_socket(sock, time.monotonic() + DEADLINE, alive=proc)
+    with running_daemon(sock):
         yield sock
-    finally:
-        status = stop(proc)
-        out, err = proc.communicate()
-    assert status == 0, f"daemon exited {status}\nstdout:\n{out}\nstderr:\n{err}"
     assert not sock.exists()
 
 
