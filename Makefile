@@ -10,7 +10,7 @@ SOURCES := proto/irqproto daemon/irqd tests bench
 all: test
 
 # The virtualenv is rebuilt when the project's metadata or native code changes.
-$(STAMP): pyproject.toml setup.py daemon/irqd/_drain.c
+$(STAMP): pyproject.toml setup.py daemon/irqd/_drain.c daemon/irqd/_hotloop.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vfio-irqd needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -42,6 +42,13 @@ test: lint typecheck pytest
 # process and watches them arrive; Ctrl-C stops everything.
 run: $(STAMP)
 	$(PY) -m irqd.demo
+
+# The native extensions built with AddressSanitizer and UBSan into build/asan
+# (the in-place build is left alone) and their tests run against that build;
+# any sanitizer report fails it. See scripts/test-native.
+.PHONY: test-native
+test-native: $(STAMP)
+	PY=$(PY) bash scripts/test-native
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -1,10 +1,12 @@
 """The native part of the build; everything else is in pyproject.toml.
 
-The extension lives here rather than in pyproject.toml because setuptools
+The extensions live here rather than in pyproject.toml because setuptools
 still calls ``[tool.setuptools.ext-modules]`` experimental.
 """
 
 from setuptools import Extension, setup
+
+CFLAGS = ["-Wall", "-Wextra", "-Werror", "-O2"]
 
 setup(
     ext_modules=[
@@ -12,7 +14,14 @@ setup(
         Extension(
             "irqd._drain",
             sources=["daemon/irqd/_drain.c"],
-            extra_compile_args=["-Wall", "-Wextra", "-Werror", "-O2"],
+            extra_compile_args=CFLAGS,
+        ),
+        # The relay thread: eventfds to client sockets without the interpreter.
+        Extension(
+            "irqd._hotloop",
+            sources=["daemon/irqd/_hotloop.c"],
+            extra_compile_args=[*CFLAGS, "-pthread"],
+            extra_link_args=["-pthread"],
         ),
     ],
 )

@@ -25,6 +25,9 @@ from irqproto.notifications import (
 )
 from irqproto.trio_client import TrioClient, open_client
 
+# Runs once with the native hot loop and once with the Trio one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("hot_loop")
+
 #: Generous: nothing here waits on time, only on the daemon's answers.
 DEADLINE = 10
 

@@ -14,12 +14,15 @@ import pytest
 import structlog.testing
 import trio
 
-from irqd.config import MsixStrategy, ServerConfig, SimConfig
+from irqd.config import HotLoop, MsixStrategy, ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
 from irqd.server import Daemon, serve
 from irqproto.errors import RpcError
 from irqproto.notifications import IrqNotification, ResizedNotification, ShutdownNotification
 from irqproto.trio_client import TrioClient, open_client
+
+# Every test here runs once with the native hot loop and once with the Trio one.
+pytestmark = pytest.mark.usefixtures("hot_loop")
 
 
 async def start_daemon(nursery: trio.Nursery, config: ServerConfig) -> Daemon:
@@ -93,6 +96,67 @@ async def test_counts_are_exact_with_several_clients_and_concurrent_firing(
             await clients[name].unsubscribe("msix", vectors)
         stats = await a.stats()
         assert all(client["pending"] == 0 for client in stats["clients"])
+
+
+async def test_the_chosen_hot_loop_reads_the_vectors(daemon: Daemon, hot_loop: HotLoop) -> None:
+    path = sock_path(daemon)
+    async with open_client(path, client_name="a") as a:
+        await a.subscribe("msix", [0, 5])
+        fds = set(daemon.table.eventfds().values())
+        await fire_from_another_process(path, 50, [0, 5])
+        await collect(a, {0: 50, 5: 50})
+        if hot_loop is HotLoop.NATIVE:
+            assert daemon.native is not None
+            assert all(fd in daemon.native and fd not in daemon.dispatcher for fd in fds)
+            # The Trio loop read none of them: it polls only the daemon's own eventfds.
+            assert daemon.dispatcher.stats.events == 0
+            assert daemon.native.rounds > 0
+        else:
+            assert daemon.native is None
+            assert all(fd in daemon.dispatcher for fd in fds)
+            assert daemon.dispatcher.stats.events > 0
+
+
+async def test_subscribe_and_unsubscribe_racing_full_rate_firing_count_every_interrupt_once(
+    daemon: Daemon,
+) -> None:
+    """The hot loop reads eventfds while the table changes subscriber lists: a
+    count read twice or lost shows up in the steady subscriber's total."""
+    path = sock_path(daemon)
+    fired = 20000
+    async with (
+        open_client(path, client_name="steady") as steady,
+        open_client(path, client_name="churn") as churn,
+    ):
+        await steady.subscribe("msix", [0])
+        cycles = 0
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                done = trio.Event()
+
+                async def fire() -> None:
+                    await fire_from_another_process(path, fired, [0])
+                    done.set()
+
+                nursery.start_soon(fire)
+                while not done.is_set() or cycles == 0:
+                    await churn.subscribe("msix", [0])
+                    await churn.unsubscribe("msix", [0])
+                    cycles += 1
+            await collect(steady, {0: fired})
+        # Everything the churning client was owed is in front of its last answer.
+        churned = 0
+        while True:
+            try:
+                note = await churn.next_notification(timeout=0)
+            except TimeoutError:
+                break
+            churned += sum(count for _, count in getattr(note, "counts", ()))
+        assert 0 <= churned <= fired
+        stats = await steady.stats()
+        (vector,) = [v for v in stats["vectors"] if v["vector"] == 0]
+        assert vector["count"] == fired
+        assert cycles > 0
 
 
 async def test_a_client_that_stops_reading_delays_nobody(daemon: Daemon) -> None:

@@ -26,6 +26,7 @@ from irqd import __version__
 from irqd.config import (
     DEFAULT_SOCKET_DIR,
     SOCKET_ENV,
+    HotLoop,
     MsixStrategy,
     ServerConfig,
     SimConfig,
@@ -258,6 +259,12 @@ def _add_serve(commands: Any) -> None:
     )
     svc = serve.add_argument_group("service")
     svc.add_argument(
+        "--hot-loop",
+        choices=[h.value for h in HotLoop],
+        help="what forwards interrupts: native (a C thread, eventfd to socket without "
+        "Python), python (a Trio task; the reference) or auto (default: native when built)",
+    )
+    svc.add_argument(
         "--socket-mode",
         metavar="OCTAL",
         type=_octal_mode,
@@ -483,6 +490,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("socket_mode", args.socket_mode),
             ("msix_strategy", args.msix_strategy),
             ("msix_prearm", args.msix_prearm),
+            ("hot_loop", args.hot_loop),
             ("log_level", args.log_level),
             ("log_format", args.log_format),
         )
@@ -540,6 +548,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_limits=file.server_limits,
         access_policy=file.access_policy,
         wait_for_device=bool(args.wait or file.wait),
+        hot_loop=HotLoop(pick(args.hot_loop, file.hot_loop, HotLoop.AUTO.value)),
         cli_fixed=frozenset(given),
     )
     configure_logging(config.log_level, config.log_format)

@@ -29,6 +29,17 @@ class MsixStrategy(enum.StrEnum):
     GROW = "grow"
 
 
+class HotLoop(enum.StrEnum):
+    """``--hot-loop``: what forwards interrupts to the clients (irqd.hotloop)."""
+
+    #: ``native`` when the extension ``irqd._hotloop`` is built, else ``python``.
+    AUTO = "auto"
+    #: The extension's own thread: eventfd to socket without entering Python.
+    NATIVE = "native"
+    #: A Trio task draining one epoll set (irqd.dispatcher); the reference.
+    PYTHON = "python"
+
+
 def default_socket_path(instance: str) -> Path:
     """``$VFIO_IRQD_SOCKET`` if set, else ``/run/vfio-irqd/<instance>.sock``."""
     env = os.environ.get(SOCKET_ENV)
@@ -76,6 +87,8 @@ class ServerConfig:
     access_policy: Any = None
     #: ``--wait``: wait until the device is bound to vfio-pci before opening it.
     wait_for_device: bool = False
+    #: ``--hot-loop`` / ``hot_loop``: fixed at start (a restart changes it).
+    hot_loop: HotLoop = HotLoop.AUTO
     #: Upper bound on an orderly stop (SIGTERM to exit).
     stop_timeout: float = 5.0
     #: Settings given on the command line (field names); a reload leaves them be.

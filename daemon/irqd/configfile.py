@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from irqd.config import MsixStrategy
+from irqd.config import HotLoop, MsixStrategy
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
@@ -84,6 +84,7 @@ class FileSettings:
     socket_mode: int | None = None
     msix_strategy: MsixStrategy | None = None
     msix_prearm: int | None = None
+    hot_loop: HotLoop | None = None
     sim_vectors: int | None = None
     sim_noresize: bool | None = None
     sim_msi_vectors: int | None = None
@@ -226,6 +227,8 @@ def load_settings(path: Path) -> FileSettings:
         "device": top.get("device", _bdf),
         "wait": top.get("wait", _bool),
     }
+    hot_loop = top.get("hot_loop", _choice(tuple(h.value for h in HotLoop)))
+    settings["hot_loop"] = HotLoop(hot_loop) if hot_loop is not None else None
     if (sock := top.sub("socket")) is not None:
         settings["socket_path"] = sock.get("path", _path)
         settings["socket_mode"] = sock.get("mode", _mode)

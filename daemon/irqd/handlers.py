@@ -33,6 +33,7 @@ from irqd.device.base import Device, IrqIndex
 from irqd.device.sim import SimDevice
 from irqd.dispatcher import Dispatcher
 from irqd.errors import EACCES, EINVAL, EIO, ENOSPC, ENOSYS, ConfigError, IrqdError
+from irqd.hotloop import NativeVectors
 from irqd.limits import ServerLimits
 from irqd.policy import AccessPolicy, Action
 from irqd.session import Session
@@ -81,6 +82,8 @@ class Handlers:
     dispatcher: Dispatcher
     latency: LatencyHistogram
     sessions: Callable[[], list[Session]]
+    #: The native hot loop, when it forwards interrupts instead of the dispatcher.
+    native: NativeVectors | None = None
     started: float = field(default_factory=time.monotonic)
     #: Who may do what; the server sets these from its config before each request.
     policy: AccessPolicy = field(default_factory=AccessPolicy)
@@ -212,7 +215,7 @@ class Handlers:
             {
                 "index": v.index.wire_name,
                 "vector": v.number,
-                "count": v.total,
+                "count": self.table.total_of(v),
                 "subscribers": len(v.subscribers),
                 "claimed_by": getattr(v.claimed_by, "id", None),
             }
@@ -234,14 +237,19 @@ class Handlers:
             for s in sessions
         ]
         dstats = self.dispatcher.stats
+        dispatch: dict[str, Any] = {
+            "rounds": dstats.rounds,
+            "events": dstats.events,
+            "native": self.dispatcher.native,
+            "hot_loop": "python",
+        }
+        if self.native is not None:
+            # The Trio dispatcher then polls only the daemon's own eventfds.
+            dispatch.update(hot_loop="native", native=True, hot_rounds=self.native.rounds)
         return {
             "vectors": vectors,
             "clients": clients,
-            "dispatch": {
-                "rounds": dstats.rounds,
-                "events": dstats.events,
-                "native": self.dispatcher.native,
-            },
+            "dispatch": dispatch,
             "latency_us": self.latency.as_wire(),
             "host_vectors": self.table.host_vectors(),
             "msix_strategy": str(self.table.msix_strategy),

@@ -139,6 +139,11 @@ def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
     lines.append("")
 
     dispatch = stats.get("dispatch", {})
+    hot_loop = dispatch.get("hot_loop", "python")
+    lines.append(
+        f"hot loop  {hot_loop}"
+        + (f"   rounds {dispatch.get('hot_rounds', 0)}" if hot_loop == "native" else "")
+    )
     lines.append(
         f"dispatch  rounds {dispatch.get('rounds', 0)}   events {dispatch.get('events', 0)}   "
         f"native {'yes' if dispatch.get('native') else 'no'}"

@@ -2,8 +2,12 @@
 
 Structure (one nursery, everything cancelled together on shutdown):
 
-* ``_dispatch_loop`` waits on the dispatcher's single epoll fd, drains every
-  ready eventfd in one native call and credits the counts to the sessions;
+* the hot loop forwards interrupts: with ``hot_loop = native`` (the default
+  when built) a thread of ``irqd._hotloop`` does it without entering Python
+  (irqd.hotloop); with ``python``, ``_dispatch_loop`` waits on the
+  dispatcher's single epoll fd, drains every ready eventfd in one native call
+  and credits the counts to the sessions. ``_dispatch_loop`` also polls the
+  daemon's own eventfds (watchdog heartbeat, REQ, ERR) in both modes;
 * ``_accept_loop`` takes connections and starts ``_client`` for each;
 * ``_client`` runs the session's sender and reads requests in order, answering
   each through the session's output path.
@@ -29,7 +33,7 @@ import structlog
 import trio
 
 from irqd.activation import InheritedFds, inherited_fds, take_listener
-from irqd.config import ServerConfig
+from irqd.config import HotLoop, ServerConfig
 from irqd.configfile import ConfigFileError, load_settings
 from irqd.device.base import Device, IrqIndex
 from irqd.device.sim import SimDevice
@@ -56,7 +60,9 @@ from irqd.handover import (
     vector_fd_name,
     write_state,
 )
+from irqd.hotloop import NativeVectors, resolve_hot_loop
 from irqd.logsetup import set_log_level
+from irqd.native_session import NativeSession
 from irqd.policy import Action
 from irqd.sdnotify import Notifier, watchdog_interval
 from irqd.session import PeerCredentials, Session
@@ -82,6 +88,13 @@ SHUTDOWN_FLUSH_SECONDS = 1.0
 
 #: How often ``STATUS=`` is looked at (and sent only when it changed).
 STATUS_PERIOD = 1.0
+
+#: Longest the watchdog waits (blocking) for the native hot thread to answer a
+#: poke; one that does not is stuck, and the ping is withheld.
+HOT_THREAD_ANSWER_S = 0.25
+
+#: How often failed vector eventfds reported by the hot thread are logged.
+NATIVE_FAILURES_PERIOD = 1.0
 
 #: How long a hand-over waits for clients to reach a message boundary, and
 #: then for their output to be idle; clients not there by then are left out.
@@ -158,9 +171,16 @@ class Daemon:
     carried_events: dict[IrqIndex, EventFd] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        #: The native hot loop, or ``None`` when the Trio dispatcher forwards
+        #: interrupts (which then also polls the vectors' eventfds). The
+        #: dispatcher always polls the daemon's own: heartbeat, REQ and ERR.
+        self.native: NativeVectors | None = None
+        if resolve_hot_loop(self.config.hot_loop) is HotLoop.NATIVE:
+            self.native = NativeVectors()
+            self.latency.add_source(self.native.latency_counts)
         self.table = VectorTable(
             self.device,
-            self.dispatcher,
+            self.dispatcher if self.native is None else self.native,
             msix_strategy=self.config.msix_strategy,
             msix_prearm=self.config.msix_prearm,
         )
@@ -168,6 +188,7 @@ class Daemon:
             device=self.device,
             table=self.table,
             dispatcher=self.dispatcher,
+            native=self.native,
             latency=self.latency,
             sessions=lambda: list(self.sessions.values()),
         )
@@ -227,10 +248,14 @@ class Daemon:
         process's eventfd numbers, and closing the device fd does not release
         the device while systemd's fd store holds it.
         """
+        if self.native is not None:
+            self.native.stop()
         if self.handed_over:
             self.table.detach()
         self.events.close(deassign=not self.handed_over)
         self.table.close()
+        if self.native is not None:
+            self.native.close()
         with contextlib.suppress(KeyError, ValueError):
             self.dispatcher.remove(self._heartbeat.fileno())
         self.dispatcher.close()
@@ -267,6 +292,9 @@ class Daemon:
         """The dispatch loop, the accept loop and the sessions adopted from a hand-over."""
         self._nursery = nursery
         nursery.start_soon(self._dispatch_loop)
+        if self.native is not None:
+            self.native.start()
+            nursery.start_soon(self._native_failures_loop, self.native)
         self._start_accepting(listener)
         for session in self._adopted:
             nursery.start_soon(self._client, session.sock, session)
@@ -309,24 +337,37 @@ class Daemon:
             await trio.sleep(period)
 
     async def watchdog_loop(self, period: float) -> None:
-        """``WATCHDOG=1`` every ``period`` for as long as the dispatch loop goes round.
+        """``WATCHDOG=1`` every ``period`` for as long as the dispatch loops go round.
 
-        Each period the loop is poked through the heartbeat eventfd, and a ping
-        is sent only if it has completed a round since the previous look. A
-        dispatch loop that hangs (or died) therefore stops the pings, and
-        systemd's ``WatchdogSec=`` restarts the service.
+        Each period the Trio dispatch loop is poked through the heartbeat
+        eventfd, and a ping is sent only if it has completed a round since the
+        previous look and, in native mode, the hot thread answered a poke
+        within ``period``. A loop that hangs (or died) therefore stops the
+        pings, and systemd's ``WatchdogSec=`` restarts the service.
         """
         seen = self.rounds
         self._heartbeat.signal()
         stalled = False
         while True:
             await trio.sleep(period)
-            if self.rounds != seen:
+            alive = self.rounds != seen
+            if alive and self.native is not None:
+                # Blocking, on purpose and briefly: a live thread answers in
+                # microseconds. Waiting through Trio instead (a worker thread
+                # or an eventfd) would let a test's autojumping clock run out
+                # before a real thread could be scheduled at all.
+                alive = self.native.responds(min(period, HOT_THREAD_ANSWER_S))
+            if alive:
                 self.notifier.watchdog()
                 stalled = False
             elif not stalled and not self.handing_over:
                 stalled = True
-                log.error("watchdog.stalled", rounds=self.rounds, period_s=period)
+                log.error(
+                    "watchdog.stalled",
+                    rounds=self.rounds,
+                    hot_rounds=None if self.native is None else self.native.rounds,
+                    period_s=period,
+                )
             seen = self.rounds
             self._heartbeat.signal()
 
@@ -367,6 +408,7 @@ class Daemon:
                 ("socket.mode", "socket_mode", settings.socket_mode),
                 ("msix.strategy", "msix_strategy", settings.msix_strategy),
                 ("msix.prearm", "msix_prearm", settings.msix_prearm),
+                ("hot_loop", "hot_loop", settings.hot_loop),
                 ("log.format", "log_format", settings.log_format),
             )
             if wanted is not None and wanted != getattr(self.config, attr) and attr not in fixed
@@ -421,8 +463,12 @@ class Daemon:
                     reason="not at a message boundary in time; they see a closed connection",
                 )
             # No checkpoint from here until the fds are sent: the snapshot and
-            # the stop of the dispatch loop happen at one instant.
+            # the stop of the dispatch loop happen at one instant. The hot
+            # thread stops before the snapshot: from then on every count is
+            # either in a session's exported state or still in its eventfd.
             self._dispatch_stopped = True
+            if self.native is not None:
+                self.native.stop()
             stored = self._snapshot(carried, dev_fds)
         except BaseException:
             for session in held:
@@ -455,6 +501,10 @@ class Daemon:
                 # process's: the client tasks ending below must not drop their
                 # subscriptions (de-assigning vectors, reading eventfds).
                 self.handed_over = True
+                if self.native is not None:
+                    # Closed first: removing a vector from a live hot loop
+                    # would read its eventfd, which is the next process's now.
+                    self.native.close()
                 self.table.detach()
         finally:
             os.close(stored.fds[-1][1])  # the state memfd is ours; the rest have owners
@@ -480,6 +530,8 @@ class Daemon:
     def _call_off_handover(self) -> None:
         self.handing_over = False
         self._dispatch_stopped = False
+        if self.native is not None:
+            self.native.start()
         self._resume.set()
         if self._listener is not None and self._nursery is not None:
             self._start_accepting(self._listener)
@@ -561,9 +613,17 @@ class Daemon:
                 continue
             sock = trio.socket.from_stdlib_socket(raw)
             try:
-                sessions[sid] = Session.from_state(sock, st, self.latency)
+                session = self._new_session(sock, sid, PeerCredentials.of(sock))
             except OSError:
                 sock.close()
+                continue
+            try:
+                session.restore(st)
+            except OSError:
+                session.close_output()
+                sock.close()
+                continue
+            sessions[sid] = session
         replaced = self.table.import_state(state["table"], eventfds, sessions.get)
         self._next_id = max(int(state["next_id"]), max(sessions, default=0) + 1)
         self._adopted = list(sessions.values())
@@ -666,7 +726,8 @@ class Daemon:
         Given ``refuse_timeout`` seconds; anything unexpected just closes.
         """
         limits = self.handlers.limits
-        conn = Connection(limits.message)
+        # Clients are idle nearly all the time; their requests are rare.
+        conn = Connection(limits.message, release_when_idle=True)
         with trio.move_on_after(limits.refuse_timeout), contextlib.suppress(OSError):
             while True:
                 try:
@@ -709,7 +770,7 @@ class Daemon:
                     return
                 if not await self._admit(sock, peer):
                     return
-                session = Session(sock, self._next_id, peer, self.latency)
+                session = self._new_session(sock, self._next_id, peer)
                 self._next_id += 1
             self.sessions[session.id] = session
             bound = log.bind(client=session.id, pid=peer.pid, uid=peer.uid)
@@ -732,6 +793,7 @@ class Daemon:
                 claims = len(self.table.claims(session))
                 with contextlib.suppress(IrqdError):
                     self.table.drop(session)
+                session.close_output()
             bound.info(
                 "client.disconnected",
                 name=session.name,
@@ -741,6 +803,21 @@ class Daemon:
                 subscriptions_dropped=subscriptions,
                 claims_released=claims,
             )
+
+    def _new_session(
+        self, sock: trio.socket.SocketType, session_id: int, peer: PeerCredentials
+    ) -> Session:
+        if self.native is None:
+            return Session(sock, session_id, peer, self.latency)
+        return NativeSession(sock, session_id, peer, self.latency, self.native.hot)
+
+    async def _native_failures_loop(self, native: NativeVectors) -> None:
+        """Log vectors whose eventfd the hot thread gave up on (the dispatcher's
+        ``vector.eventfd_failed``); the thread itself cannot log."""
+        while True:
+            await trio.sleep(NATIVE_FAILURES_PERIOD)
+            for token in native.take_failed():
+                log.error("vector.eventfd_failed", token=token)
 
     async def _admit(self, sock: trio.socket.SocketType, peer: PeerCredentials) -> bool:
         """Whether the policy lets ``peer`` connect; a refused peer gets ``EACCES``."""
@@ -814,10 +891,12 @@ class Daemon:
         closed like any other exceeded limit.
         """
         limits = self.handlers.limits
-        conn = Connection(limits.message)
+        # Clients are idle nearly all the time; their requests are rare.
+        conn = Connection(limits.message, release_when_idle=True)
         while True:
             data = await self._recv_unless_handing_over(session, conn)
             conn.receive_data(data)
+            del data  # not kept alive while the next recv waits
             batch: list[Request] = []
             ended: str | None = None
             while ended is None:
@@ -840,12 +919,19 @@ class Daemon:
                 # A notification from a client means nothing to the server;
                 # msgpack-RPC peers may send them, so they are ignored. (A
                 # response can't arrive here: Connection rejects unknown ids.)
-            for request in batch:
-                session.requests += 1
-                session.last_request = trio.current_time()
-                await self._answer(session, conn, request)
+            await self._answer_all(session, conn, batch)
             if ended is not None:
                 return ended
+
+    async def _answer_all(self, session: Session, conn: Connection, batch: list[Request]) -> None:
+        # A helper, so that no local keeps the last request alive while the
+        # next recv waits: a subscribe to 2048 vectors is 2048 int objects, per
+        # idle client.
+        while batch:
+            request = batch.pop(0)
+            session.requests += 1
+            session.last_request = trio.current_time()
+            await self._answer(session, conn, request)
 
     async def _answer(self, session: Session, conn: Connection, request: Request) -> None:
         if not session.greeted and request.method != m.HELLO:
@@ -917,6 +1003,7 @@ def describe(config: ServerConfig, daemon: Daemon) -> dict[str, Any]:
         "msix_noresize": msix.noresize,
         "msix_strategy": str(daemon.table.msix_strategy),
         "native_dispatch": daemon.dispatcher.native,
+        "hot_loop": "python" if daemon.native is None else "native",
     }
 
 

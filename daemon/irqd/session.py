@@ -194,13 +194,18 @@ class Session:
         if tail:
             await self._sendall(tail, fds)
 
-    def _take_pending(self) -> bytes:
+    def _take_posted(self) -> list[bytes]:
+        """Queued control notifications and ``resized``, taken for writing."""
         parts = self._outbox
         self._outbox = []
         for index, (vectors, loss) in self._resized.items():
             resized = ResizedNotification(index.wire_name, tuple(sorted(vectors)), loss)
             parts.append(encode_notification(resized))
         self._resized = {}
+        return parts
+
+    def _take_pending(self) -> bytes:
+        parts = self._take_posted()
         pending = self._pending
         if pending:
             self._pending = {}
@@ -237,16 +242,24 @@ class Session:
             "notifications": self.notifications,
             "connected_for": time.monotonic() - self.connected_at,
             "pending": [
-                [int(index), vector, count]
-                for index, counts in self._pending.items()
-                for vector, count in counts.items()
+                [int(index), vector, count] for index, vector, count in self._export_pending()
             ],
             "resized": [
                 [int(index), sorted(vectors), loss]
                 for index, (vectors, loss) in self._resized.items()
             ],
-            "outbox": list(self._outbox),
+            "outbox": self._export_outbox(),
         }
+
+    def _export_pending(self) -> list[tuple[IrqIndex, int, int]]:
+        return [
+            (index, vector, count)
+            for index, counts in self._pending.items()
+            for vector, count in counts.items()
+        ]
+
+    def _export_outbox(self) -> list[bytes]:
+        return list(self._outbox)
 
     @classmethod
     def from_state(
@@ -254,20 +267,34 @@ class Session:
     ) -> Session:
         """The session ``export_state`` described, on its adopted socket."""
         session = cls(sock, int(state["id"]), PeerCredentials.of(sock), latency)
-        session.name = str(state["name"])
-        session.greeted = bool(state["greeted"])
-        session.requests = int(state["requests"])
-        session.delivered = int(state["delivered"])
-        session.notifications = int(state["notifications"])
-        session.connected_at = time.monotonic() - float(state["connected_for"])
-        for index, vector, count in state["pending"]:
-            session.add_pending(IrqIndex(index), int(vector), int(count))
-        for index, vectors, loss in state["resized"]:
-            session.post_resized(IrqIndex(index), [int(v) for v in vectors], bool(loss))
-        session._outbox.extend(bytes(b) for b in state["outbox"])
-        if session._outbox:
-            session._wake.set()
+        session.restore(state)
         return session
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over the counters and unsent output ``export_state`` described.
+
+        The unsent bytes go first: the previous process may have written part of
+        a message, whose rest must be the next thing on the wire.
+        """
+        self.name = str(state["name"])
+        self.greeted = bool(state["greeted"])
+        self.requests = int(state["requests"])
+        self.delivered = int(state["delivered"])
+        self.notifications = int(state["notifications"])
+        self.connected_at = time.monotonic() - float(state["connected_for"])
+        self._restore_outbox([bytes(b) for b in state["outbox"]])
+        for index, vector, count in state["pending"]:
+            self.add_pending(IrqIndex(index), int(vector), int(count))
+        for index, vectors, loss in state["resized"]:
+            self.post_resized(IrqIndex(index), [int(v) for v in vectors], bool(loss))
+
+    def _restore_outbox(self, parts: list[bytes]) -> None:
+        self._outbox.extend(parts)
+        if self._outbox:
+            self._wake.set()
+
+    def close_output(self) -> None:
+        """The session is over; called before its socket is closed."""
 
     async def _sendall(self, data: bytes, fds: Sequence[int] = ()) -> None:
         view = memoryview(data)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 #: Upper bounds (µs) of the latency buckets: powers of two from 1 µs to ~1 s.
 LATENCY_BOUNDS_US: tuple[int, ...] = tuple(1 << i for i in range(21))
@@ -19,6 +19,19 @@ class LatencyHistogram:
 
     def __init__(self) -> None:
         self.counts = [0] * len(LATENCY_BOUNDS_US)
+        self._sources: list[Callable[[], Sequence[int]]] = []
+
+    def add_source(self, counts: Callable[[], Sequence[int]]) -> None:
+        """Merge another recorder's cumulative bucket counts (the native hot loop's)."""
+        self._sources.append(counts)
+
+    def merged(self) -> list[int]:
+        """The bucket counts, with every source added."""
+        merged = list(self.counts)
+        for source in self._sources:
+            for slot, count in enumerate(source()):
+                merged[min(slot, len(merged) - 1)] += count
+        return merged
 
     def record_ns(self, nanoseconds: int) -> None:
         """Add one observation."""
@@ -28,15 +41,15 @@ class LatencyHistogram:
 
     def total(self) -> int:
         """How many observations were recorded."""
-        return sum(self.counts)
+        return sum(self.merged())
 
     def percentile_us(self, fraction: float) -> int | None:
         """The bucket bound below which ``fraction`` of observations fall, or ``None``."""
-        return bucket_percentile(LATENCY_BOUNDS_US, self.counts, fraction)
+        return bucket_percentile(LATENCY_BOUNDS_US, self.merged(), fraction)
 
     def as_wire(self) -> dict[str, list[int]]:
         """The ``latency_us`` part of the ``stats`` result."""
-        return {"bounds": list(LATENCY_BOUNDS_US), "counts": list(self.counts)}
+        return {"bounds": list(LATENCY_BOUNDS_US), "counts": self.merged()}
 
 
 def bucket_percentile(bounds: Sequence[int], counts: Sequence[int], fraction: float) -> int | None:

@@ -40,6 +40,9 @@ from .messages import NEED_DATA, NeedData
 
 __all__ = ["Decoder", "encode"]
 
+#: The unpacker's first buffer, in bytes (see ``Decoder.__init__``).
+READ_SIZE = 4096
+
 
 def encode(obj: Any) -> bytes:
     """Encode ``obj`` as msgpack with str as str and bytes as bin.
@@ -65,24 +68,43 @@ class Decoder:
         limits: Limits | None = None,
         *,
         unpacker_class: type[msgpack.Unpacker] = msgpack.Unpacker,
+        release_when_idle: bool = False,
     ) -> None:
-        """Create a decoder; ``unpacker_class`` exists to test msgpack's fallback."""
-        self.limits = limits = limits or Limits()
-        self._unpacker = unpacker_class(
+        """Create a decoder; ``unpacker_class`` exists to test msgpack's fallback.
+
+        ``release_when_idle``: drop the unpacker whenever every byte fed to it
+        has been decoded, and make a new one when bytes arrive. An unpacker
+        holds about 45 KiB (msgpack's parse stack and its buffer) whether or
+        not anything arrives, which a server with hundreds of mostly idle
+        connections feels; a new one costs about 2 µs, once per read.
+        """
+        self.limits = limits or Limits()
+        self._unpacker_class = unpacker_class
+        self._release_when_idle = release_when_idle
+        self._unpacker: msgpack.Unpacker | None = None
+        self._pending = bytearray()  # received, not yet given to the unpacker
+        self._fed = 0  # bytes given to the current unpacker, in total
+        self._boundary = 0  # unpacker offset where the current message starts
+        self._error: RemoteProtocolError | None = None
+
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        limits = self.limits
+        self._fed = self._boundary = 0
+        return self._unpacker_class(
             raw=False,
             use_list=True,
             strict_map_key=False,
             max_buffer_size=limits.max_message_size,
+            # The buffer starts at read_size and grows as messages need; the
+            # default (max_buffer_size, up to 1 MiB) would cost every idle
+            # connection the largest message it may ever send.
+            read_size=min(READ_SIZE, limits.max_message_size),
             max_array_len=limits.max_array_len,
             max_map_len=limits.max_map_len,
             max_str_len=limits.max_str_len,
             max_bin_len=limits.max_bin_len,
             max_ext_len=0,
         )
-        self._pending = bytearray()  # received, not yet given to the unpacker
-        self._fed = 0  # bytes given to the unpacker, in total
-        self._boundary = 0  # unpacker offset where the current message starts
-        self._error: RemoteProtocolError | None = None
 
     @property
     def in_message(self) -> bool:
@@ -113,8 +135,13 @@ class Decoder:
     def _next(self) -> Any | NeedData:
         limit = self.limits.max_message_size
         while True:
+            unpacker = self._unpacker
+            if unpacker is None:
+                if not self._pending:
+                    return NEED_DATA
+                unpacker = self._unpacker = self._new_unpacker()
             try:
-                obj = self._unpacker.unpack()
+                obj = unpacker.unpack()
             except msgpack.OutOfData:
                 room = limit - (self._fed - self._boundary)
                 if not self._pending:
@@ -126,17 +153,20 @@ class Decoder:
                 chunk = bytes(self._pending[:room])
                 del self._pending[:room]
                 self._fed += len(chunk)
-                self._feed_unpacker(chunk)
+                self._feed_unpacker(unpacker, chunk)
                 continue
             except Exception as exc:  # anything msgpack raises means bad bytes
                 raise _classify(exc) from exc
-            self._boundary = self._unpacker.tell()
+            self._boundary = unpacker.tell()
+            if self._release_when_idle and self._boundary == self._fed:
+                self._unpacker = None  # every byte it was given is decoded
             check_depth(obj, self.limits.max_depth)
             return obj
 
-    def _feed_unpacker(self, chunk: bytes) -> None:
+    @staticmethod
+    def _feed_unpacker(unpacker: msgpack.Unpacker, chunk: bytes) -> None:
         try:
-            self._unpacker.feed(chunk)
+            unpacker.feed(chunk)
         except msgpack.BufferFull as exc:  # cannot happen: we feed within the room
             raise RemoteProtocolError("message exceeds the unpacker buffer", E2BIG) from exc
 

@@ -43,10 +43,14 @@ __all__ = ["Connection"]
 class Connection:
     """One end of a msgpack-RPC byte stream."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
-        """Create a connection; ``limits`` bound what the peer may send."""
+    def __init__(self, limits: Limits | None = None, *, release_when_idle: bool = False) -> None:
+        """Create a connection; ``limits`` bound what the peer may send.
+
+        ``release_when_idle``: see :class:`~irqproto.codec.Decoder` (a server
+        with many idle connections saves memory with it).
+        """
         self.limits = limits or Limits()
-        self._decoder = Decoder(self.limits)
+        self._decoder = Decoder(self.limits, release_when_idle=release_when_idle)
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._next_msgid = 0

@@ -160,6 +160,7 @@ def test_python_dash_m_and_version() -> None:
         (["serve", "--socket-mode", "8"], "octal"),
         (["serve", "--socket-mode", "1777"], "out of range"),
         (["serve", "--log-level", "loud"], "invalid choice"),
+        (["serve", "--hot-loop", "fast"], "invalid choice"),
         (["serve", "--device", "nope"], "not a PCI address"),
         (["serve", "--device", "03:00.0", "--sim"], "not allowed with"),
         (["serve", "--device", "03:00.0", "--sim-vectors", "4"], "only for the simulated device"),
@@ -334,9 +335,13 @@ def test_status_json_and_table(daemon: Path) -> None:
         ("msix", 1, 1),
     }
     assert any(c["name"] == "test-subscriber" for c in status["stats"]["clients"])
+    # The default on a machine where the extension was built.
+    assert status["stats"]["dispatch"]["hot_loop"] == "native"
+    assert status["stats"]["dispatch"]["hot_rounds"] > 0
     assert table.returncode == 0, table.stderr
     for word in ("interrupt indexes", "msix", "vectors", "clients", "test-subscriber", "latency"):
         assert word in table.stdout
+    assert "hot loop  native" in table.stdout
 
 
 def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:

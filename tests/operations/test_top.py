@@ -356,3 +356,6 @@ def test_live_view_says_when_the_daemon_goes_away(tmp_path: Path) -> None:
         assert term.exit_status() == 1
         # curses has given the screen back, and the reason is on it.
         term.wait_for("vfio-irqd: the daemon closed the connection", history=True)
+        # The daemon stops by itself (closing the connection comes before its
+        # exit, so without this wait running_daemon could SIGINT it late).
+        assert daemon.wait(DEADLINE) == 0

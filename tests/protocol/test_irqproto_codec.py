@@ -170,3 +170,30 @@ def test_encode_uses_str_and_bin_types() -> None:
         encode(object())
     with pytest.raises(LocalProtocolError):
         encode(2**64)
+
+
+@pytest.mark.parametrize("unpacker", UNPACKERS)
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_release_when_idle_decodes_the_same_stream_and_keeps_no_unpacker_between_messages(
+    unpacker: Any, chunk: int
+) -> None:
+    limits = Limits(max_message_size=200)
+    messages = [[0, n, "subscribe", ["msix", list(range(n))]] for n in range(12)]
+    data = b"".join(encode(m) for m in messages)
+    decoder = Decoder(limits, unpacker_class=unpacker, release_when_idle=True)
+    got: list[Any] = []
+    idle_between = []
+    for start in range(0, len(data), chunk):
+        decoder.feed(data[start : start + chunk])
+        while (obj := decoder.next()) is not NEED_DATA:
+            got.append(obj)
+        idle_between.append(decoder._unpacker is None or decoder.in_message)
+    assert got == messages
+    # At every read boundary: either mid-message, or holding no unpacker.
+    assert all(idle_between)
+    assert decoder._unpacker is None and not decoder.in_message
+    # The size limit still counts from the start of the message.
+    decoder.feed(encode([2, "x", ["a" * 300]]))
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next()
+    assert info.value.code == E2BIG

@@ -20,6 +20,9 @@ from irqproto.trio_client import open_client
 
 from .wire import RawPeer, open_fds, wait_until_sessions
 
+# Runs once with the native hot loop and once with the Trio one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("hot_loop")
+
 
 @pytest.fixture
 async def daemon(tmp_path: Path, nursery: trio.Nursery) -> Daemon:

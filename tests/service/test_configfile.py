@@ -9,13 +9,15 @@ import pytest
 import irqd.cli
 import irqd.server
 from irqd.cli import main
-from irqd.config import MsixStrategy, ServerConfig
+from irqd.config import HotLoop, MsixStrategy, ServerConfig
 from irqd.configfile import ConfigFileError, load_settings
 from irqd.limits import ServerLimits
 from irqd.policy import AccessPolicy
 
 FULL = """
 wait = false
+
+hot_loop = "python"
 
 [socket]
 path = "/run/vfio-irqd/test.sock"
@@ -59,6 +61,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert settings.server_limits.max_clients == 8
     assert isinstance(settings.access_policy, AccessPolicy)
     assert (settings.log_level, settings.log_format, settings.wait) == ("warning", "json", False)
+    assert settings.hot_loop is HotLoop.PYTHON
     device = load_settings(write(tmp_path, 'device = "03:00.0"\nwait = true\n'))
     assert (device.device, device.wait) == ("0000:03:00.0", True)
 
@@ -75,6 +78,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         ("device = '0000:03:00.0'\n[sim]\nvectors = 4\n", "sim", "only for the simulated"),
         ("device = 'eth0'\n", "device", "is not a PCI address"),
         ("[log]\nlevel = 'chatty'\n", "log.level", "must be one of debug, info"),
+        ("hot_loop = 'c'\n", "hot_loop", "must be one of auto, native, python"),
         ("[log]\ncolour = true\n", "log.colour", "unknown key"),
         ("socket = 3\n", "socket", "must be a table"),
         ("typo = 1\n", "typo", "unknown key"),
@@ -126,7 +130,10 @@ def test_flags_override_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     path = write(tmp_path, FULL)
     argv = ["serve", "--config", str(path), "--msix-prearm", "8", "--log-level", "debug"]
     assert main(argv) == 0
-    (config,) = seen
+    assert main([*argv, "--hot-loop", "native"]) == 0
+    config, flagged = seen
+    assert config.hot_loop is HotLoop.PYTHON  # the file
+    assert flagged.hot_loop is HotLoop.NATIVE
     assert config.msix_prearm == 8  # the flag
     assert config.msix_strategy is MsixStrategy.PREARM  # the file
     assert config.socket_path == Path("/run/vfio-irqd/test.sock")

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from irqproto.trio_client import TrioClient, open_client
@@ -21,7 +22,7 @@ FIRE_ARGS = ["--count", "0", "--rate", "2000", "0", "1", "2", "3"]
 DEADLINE = 15
 
 
-def daemon_argv(sock: Path) -> list[str]:
+def daemon_argv(sock: Path, hot_loop: str) -> list[str]:
     return [
         "-m",
         "irqd",
@@ -33,6 +34,8 @@ def daemon_argv(sock: Path) -> list[str]:
         str(sock),
         "--log-format",
         "json",
+        "--hot-loop",
+        hot_loop,
     ]
 
 
@@ -57,8 +60,9 @@ async def settle(client: TrioClient, got: dict[int, int], expected: dict[int, in
     assert got == expected
 
 
+@pytest.mark.parametrize("hot_loop", ["native", "python"])
 async def test_restart_through_the_fd_store_loses_no_interrupt_and_drops_no_client(
-    tmp_path: Path,
+    tmp_path: Path, hot_loop: str
 ) -> None:
     manager = FakeManager(tmp_path / "notify")
     sock = tmp_path / "irqd.sock"
@@ -66,7 +70,7 @@ async def test_restart_through_the_fd_store_loses_no_interrupt_and_drops_no_clie
     try:
         async with trio.open_nursery() as background:
             background.start_soon(manager.run)
-            await restart_with_clients(manager, sock, tmp_path, procs)
+            await restart_with_clients(manager, sock, tmp_path, procs, hot_loop)
             background.cancel_scope.cancel()
     finally:
         for proc in procs:  # only if the test failed half-way
@@ -77,13 +81,13 @@ async def test_restart_through_the_fd_store_loses_no_interrupt_and_drops_no_clie
 
 
 async def restart_with_clients(
-    manager: FakeManager, sock: Path, tmp_path: Path, procs: list[trio.Process]
+    manager: FakeManager, sock: Path, tmp_path: Path, procs: list[trio.Process], hot_loop: str
 ) -> None:
     env = child_env(manager)
     logs = (tmp_path / "old.log").open("wb")
     with trio.fail_after(DEADLINE):
         old = await trio.lowlevel.open_process(
-            [sys.executable, *daemon_argv(sock)], env=env, stdout=logs
+            [sys.executable, *daemon_argv(sock, hot_loop)], env=env, stdout=logs
         )
         procs.append(old)
         await manager.wait_for("READY", "1")
@@ -125,7 +129,7 @@ async def restart_with_clients(
             fds = [fd for _, fd in stored]
             mark = len(manager.messages)
             new = await trio.lowlevel.open_process(
-                [sys.executable, "-c", LAUNCHER, *daemon_argv(sock)],
+                [sys.executable, "-c", LAUNCHER, *daemon_argv(sock, hot_loop)],
                 env=env
                 | {"HANDOVER_FDS": ",".join(map(str, fds)), "LISTEN_FDNAMES": ":".join(names)},
                 pass_fds=fds,

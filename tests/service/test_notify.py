@@ -18,6 +18,7 @@ from irqd.config import ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
 from irqd.device.sim import SimDevice
 from irqd.errors import ConfigError
+from irqd.hotloop import NativeVectors
 from irqd.logsetup import current_level, set_log_level
 from irqd.sdnotify import Notifier, watchdog_interval
 from irqd.server import Daemon, serve
@@ -25,6 +26,9 @@ from irqproto.notifications import ShutdownNotification
 from irqproto.trio_client import open_client
 
 from .fakesystemd import FakeManager
+
+# Runs once with the native hot loop and once with the Trio one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("hot_loop")
 
 WATCHDOG_S = 2.0
 
@@ -112,6 +116,26 @@ async def test_a_stuck_dispatch_loop_trips_the_watchdog(
             await client.stats()  # the control plane still answers...
         await trio.sleep(WATCHDOG_S * 5)
     # ...but systemd hears nothing and restarts the service after WatchdogSec.
+    assert watchdog_pings(manager) == 0
+    assert [e["event"] for e in logs].count("watchdog.stalled") == 1
+
+
+async def test_a_stuck_hot_thread_trips_the_watchdog(
+    tmp_path: Path,
+    manager: FakeManager,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", str(int(WATCHDOG_S * 1e6)))
+    # As if the thread never came back from a round: the Trio loop goes on.
+    monkeypatch.setattr(NativeVectors, "responds", lambda self, timeout: False)
+    with structlog.testing.capture_logs() as logs:
+        daemon = await start(nursery, manager, sim_config(tmp_path))
+        if daemon.native is None:
+            pytest.skip("the Trio hot loop has no thread of its own")
+        await trio.sleep(WATCHDOG_S * 5)
+    assert daemon.rounds >= 4  # the Trio dispatch loop was fine
     assert watchdog_pings(manager) == 0
     assert [e["event"] for e in logs].count("watchdog.stalled") == 1
 

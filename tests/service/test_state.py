@@ -39,6 +39,7 @@ class Sub:
 
 
 def pump(table: VectorTable) -> None:
+    assert isinstance(table.dispatcher, Dispatcher)
     for token, count in table.dispatcher.drain().counts:
         table.deliver(token, count)
 
