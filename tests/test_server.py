@@ -189,6 +189,53 @@ async def test_a_client_that_stops_reading_delays_nobody(daemon: Daemon) -> None
             assert total == rounds
 
 
+async def test_a_client_that_shut_its_read_side_is_disconnected(daemon: Daemon) -> None:
+    """Its socket fails on the daemon's first write: the session ends and its
+    vector is released, whichever loop did the writing."""
+    path = sock_path(daemon)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(path)
+    with sock:
+        await raw_call(sock, 1, "hello", [{"client": "half", "protocol": 1}])
+        await raw_call(sock, 2, "subscribe", ["msix", [0]])
+        sock.shutdown(socket.SHUT_RD)
+        with structlog.testing.capture_logs() as logs, trio.fail_after(10):
+            while daemon.sessions:
+                daemon.table.trigger(IrqIndex.MSIX, [0])
+                await trio.sleep(0.01)
+    (gone,) = [e for e in logs if e["event"] == "client.disconnected"]
+    assert gone["reason"].startswith("socket error")
+    assert daemon.table.enabled(IrqIndex.MSIX) == []
+
+
+async def test_a_failure_while_a_client_leaves_takes_only_that_client(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = sock_path(daemon)
+
+    def broken_drop(subscriber: object) -> None:
+        raise RuntimeError("a bug in the vector table")
+
+    with structlog.testing.capture_logs() as logs:
+        async with open_client(path, client_name="first") as first:
+            await first.subscribe("msix", [0])
+            (session,) = daemon.sessions.values()
+            monkeypatch.setattr(daemon.table, "drop", broken_drop)
+        with trio.fail_after(10):
+            while daemon.sessions:
+                await trio.sleep(0.01)
+    assert [e["event"] for e in logs].count("client.cleanup_failed") == 1
+    if daemon.native is not None:
+        # Its socket is closed, so the hot loop must have let go of it.
+        with pytest.raises(KeyError):
+            daemon.native.hot.client_stats(session.client_id)  # type: ignore[attr-defined]
+    monkeypatch.undo()
+    async with open_client(path, client_name="second") as second:
+        await second.subscribe("msix", [1])
+        await fire_from_another_process(path, 3, [1])
+        await collect(second, {1: 3})
+
+
 async def test_a_plain_msgpack_client_gets_exact_counts(daemon: Daemon) -> None:
     """No irqproto: only msgpack and a socket, as a client in another language would."""
     path = sock_path(daemon)

@@ -59,7 +59,12 @@ def resolve_hot_loop(wanted: HotLoopChoice) -> HotLoopChoice:
 
 
 class NativeVectors:
-    """Owner of the extension's ``HotLoop``; the vector table's poller in native mode."""
+    """Owner of the extension's ``HotLoop``; the vector table's poller in native mode.
+
+    A vector whose eventfd failed (the hot thread dropped it; ``take_failed``)
+    stays known here as failed, so that the table can go on treating it as a
+    vector that simply never fires until it releases it.
+    """
 
     #: The vector table credits nothing itself: the extension does, in its thread
     #: and in ``drain_fd``.
@@ -73,42 +78,57 @@ class NativeVectors:
         for index in IrqIndex:
             names[int(index)] = index.wire_name
         self.hot: HotLoop = HotLoop(names)
-        self._fds: set[int] = set()
+        self._tokens: dict[int, int] = {}  # fd -> token, of vectors the thread polls
+        self._failed: dict[int, int] = {}  # token -> fd, of vectors it dropped
         self._closed = False
+        self._last_rounds = 0
+        self._last_latency: Sequence[int] = ()
 
     # -- the vector table's poller interface -------------------------------------------
 
     def add(self, fd: int, token: int) -> None:
         """Poll ``fd`` in the hot thread under ``token``."""
         self.hot.add_vector(fd, token)
-        self._fds.add(fd)
+        self._tokens[fd] = token
 
-    def remove(self, fd: int) -> None:
-        """Stop polling ``fd``; what it still holds is credited first. Call before closing fd."""
-        self._fds.remove(fd)  # KeyError first, like Dispatcher.remove
-        self.hot.remove_vector(fd)
+    def remove(self, fd: int) -> int:
+        """Stop polling ``fd``, crediting what it still holds first; returns every
+        count ever read from it. Call before closing fd. ``KeyError`` if unknown."""
+        token = self._tokens.pop(fd, None)
+        if token is None:
+            failed = {f: t for t, f in self._failed.items()}
+            del self._failed[failed[fd]]  # KeyError if not even that
+            return 0
+        total = self.hot.vector_total(fd)
+        return total + self.hot.remove_vector(fd)
 
     def drain_fd(self, fd: int) -> int:
         """Read ``fd`` now and credit the count to its current subscribers; returns it."""
+        if fd not in self._tokens:
+            if fd in self._failed.values():
+                return 0
+            raise KeyError(fd)
         return self.hot.drain_vector(fd)
 
     def joined(self, token: int, subscriber: object) -> None:
         """``subscriber`` receives the vector from now on."""
-        self.hot.subscribe(_client_id(subscriber), token)
+        if token not in self._failed:
+            self.hot.subscribe(_client_id(subscriber), token)
 
     def left(self, token: int, subscriber: object) -> None:
         """``subscriber`` stops receiving the vector; what it was owed is queued to it."""
-        self.hot.unsubscribe(_client_id(subscriber), token)
+        if token not in self._failed:
+            self.hot.unsubscribe(_client_id(subscriber), token)
 
     def total(self, fd: int) -> int:
-        """Every count read from ``fd`` since it was added."""
-        return self.hot.vector_total(fd) if fd in self._fds else 0
+        """Every count read from ``fd`` since it was added (0 once it is not polled)."""
+        return self.hot.vector_total(fd) if fd in self._tokens else 0
 
     def __contains__(self, fd: int) -> bool:
-        return fd in self._fds
+        return fd in self._tokens
 
     def __len__(self) -> int:
-        return len(self._fds)
+        return len(self._tokens)
 
     # -- the thread --------------------------------------------------------------------
 
@@ -123,9 +143,16 @@ class NativeVectors:
             self.hot.stop()
 
     @property
+    def closed(self) -> bool:
+        """After ``close`` (or a hand-over): nothing is forwarded any more."""
+        return self._closed
+
+    @property
     def rounds(self) -> int:
         """Rounds the hot thread has completed: the watchdog's proof of life."""
-        return self.hot.rounds
+        if not self._closed:
+            self._last_rounds = self.hot.rounds
+        return self._last_rounds
 
     def poke(self) -> None:
         """Make the hot thread go round once, even with no interrupt."""
@@ -135,8 +162,11 @@ class NativeVectors:
         """Poke the hot thread and wait up to ``timeout`` seconds for it to go round.
 
         Blocking, in real time on purpose: the hot thread is not a Trio task,
-        so only a real wait can tell a slow thread from a stuck one.
+        so only a real wait can tell a slow thread from a stuck one. ``True``
+        once closed: there is no thread left to be stuck.
         """
+        if self._closed:
+            return True
         before = self.hot.rounds
         self.hot.poke()
         deadline = time.monotonic() + timeout
@@ -148,16 +178,31 @@ class NativeVectors:
 
     def take_failed(self) -> list[int]:
         """Tokens of vectors whose eventfd failed and that are no longer polled."""
-        return self.hot.take_failed()
+        if self._closed:
+            return []
+        failed = self.hot.take_failed()
+        by_token = {t: f for f, t in self._tokens.items()}
+        for token in failed:
+            fd = by_token[token]
+            del self._tokens[fd]
+            self._failed[token] = fd
+        return failed
 
     def latency_counts(self) -> Sequence[int]:
         """The extension's delivery-latency histogram (``irqd.stats`` buckets)."""
-        return self.hot.latency()
+        if self._closed:
+            return self._last_latency
+        self._last_latency = self.hot.latency()
+        return self._last_latency
 
     def close(self) -> None:
         """Stop the thread and free the extension's state; idempotent."""
+        if not self._closed:
+            self.latency_counts()
+            self._last_rounds = self.hot.rounds
         self._closed = True
-        self._fds.clear()
+        self._tokens.clear()
+        self._failed.clear()
         self.hot.close()
 
 

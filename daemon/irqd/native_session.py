@@ -19,6 +19,7 @@ message carries fds, which the extension holds until they are sent).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,25 @@ class NativeSession(Session):
         with contextlib.suppress(OSError, KeyError, ValueError):
             self._hot.send(self.client_id, data)
             self._py_notifications += 1
+
+    async def run_sender(self) -> None:
+        """Until cancelled: raise ``OSError`` once the extension has given up on the
+        socket (``check_output`` wakes it), which ends the session."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            error = self._native_stats()[5]
+            if error:
+                raise OSError(error, os.strerror(error))
+
+    def check_output(self) -> None:
+        """Wake the sender if the hot thread's last write to this client failed.
+
+        The thread cannot call into Python, so the daemon asks every session
+        now and then (``Daemon._native_failures_loop``).
+        """
+        if self._native_stats()[5]:
+            self._wake.set()
 
     async def flush(self) -> None:
         """Write whatever is pending and wait until the socket has taken all of it."""

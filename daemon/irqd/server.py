@@ -351,7 +351,9 @@ class Daemon:
         while True:
             await trio.sleep(period)
             alive = self.rounds != seen
-            if alive and self.native is not None:
+            # During a hand-over the hot thread is stopped (then closed); the
+            # Trio loop alone speaks for the process then.
+            if alive and self.native is not None and not self.handing_over:
                 # Blocking, on purpose and briefly: a live thread answers in
                 # microseconds. Waiting through Trio instead (a worker thread
                 # or an eventfd) would let a test's autojumping clock run out
@@ -770,7 +772,11 @@ class Daemon:
                     return
                 if not await self._admit(sock, peer):
                     return
-                session = self._new_session(sock, self._next_id, peer)
+                try:
+                    session = self._new_session(sock, self._next_id, peer)
+                except (OSError, ValueError) as exc:
+                    log.error("client.refused", pid=peer.pid, error=str(exc))
+                    return
                 self._next_id += 1
             self.sessions[session.id] = session
             bound = log.bind(client=session.id, pid=peer.pid, uid=peer.uid)
@@ -791,9 +797,16 @@ class Daemon:
                 del self.sessions[session.id]
                 subscriptions = len(self.table.subscriptions(session))
                 claims = len(self.table.claims(session))
-                with contextlib.suppress(IrqdError):
+                try:
                     self.table.drop(session)
-                session.close_output()
+                except IrqdError:
+                    pass
+                except Exception:
+                    bound.exception("client.cleanup_failed")
+                finally:
+                    # Before ``with sock`` closes the fd: the hot loop must not
+                    # write to whatever gets this fd number next.
+                    session.close_output()
             bound.info(
                 "client.disconnected",
                 name=session.name,
@@ -812,12 +825,19 @@ class Daemon:
         return NativeSession(sock, session_id, peer, self.latency, self.native.hot)
 
     async def _native_failures_loop(self, native: NativeVectors) -> None:
-        """Log vectors whose eventfd the hot thread gave up on (the dispatcher's
-        ``vector.eventfd_failed``); the thread itself cannot log."""
+        """What the hot thread gave up on, which it cannot tell Trio itself: vectors
+        whose eventfd failed (logged, like the dispatcher's ``vector.eventfd_failed``)
+        and clients whose socket failed (their session ends, as a failed write
+        ends it with the Trio loop)."""
         while True:
             await trio.sleep(NATIVE_FAILURES_PERIOD)
             for token in native.take_failed():
                 log.error("vector.eventfd_failed", token=token)
+            if native.closed:
+                continue
+            for session in list(self.sessions.values()):
+                if isinstance(session, NativeSession):
+                    session.check_output()
 
     async def _admit(self, sock: trio.socket.SocketType, peer: PeerCredentials) -> bool:
         """Whether the policy lets ``peer`` connect; a refused peer gets ``EACCES``."""

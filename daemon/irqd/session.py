@@ -283,10 +283,13 @@ class Session:
         self.notifications = int(state["notifications"])
         self.connected_at = time.monotonic() - float(state["connected_for"])
         self._restore_outbox([bytes(b) for b in state["outbox"]])
-        for index, vector, count in state["pending"]:
-            self.add_pending(IrqIndex(index), int(vector), int(count))
+        # ``resized`` before the counts: it was posted before the loopback
+        # trigger whose count may be among them (a session writes what was
+        # posted ahead of pending counts).
         for index, vectors, loss in state["resized"]:
             self.post_resized(IrqIndex(index), [int(v) for v in vectors], bool(loss))
+        for index, vector, count in state["pending"]:
+            self.add_pending(IrqIndex(index), int(vector), int(count))
 
     def _restore_outbox(self, parts: list[bytes]) -> None:
         self._outbox.extend(parts)

@@ -237,17 +237,28 @@ class VectorTable:
         if count and self._native is None:
             self.deliver(vector.token, count)
 
+    # The native loop's copy first: if it refuses, the table is unchanged.
     def _join(self, vector: Vector, subscriber: Subscriber) -> None:
         if subscriber in vector.subscribers:
             return
-        vector.subscribers.append(subscriber)
         if self._native is not None:
             self._native.joined(vector.token, subscriber)
+        vector.subscribers.append(subscriber)
 
     def _leave(self, vector: Vector, subscriber: Subscriber) -> None:
-        vector.subscribers.remove(subscriber)
         if self._native is not None:
             self._native.left(vector.token, subscriber)
+        vector.subscribers.remove(subscriber)
+
+    def _stop_polling(self, vector: Vector) -> None:
+        """Take the vector's eventfd out of the poller (before it is closed or claimed)."""
+        fd = vector.eventfd.fileno()
+        if self._native is None:
+            self.dispatcher.remove(fd)
+        else:
+            # The native loop reads the eventfd once more as it lets go, and
+            # counts that too.
+            vector.total += self._native.remove(fd)
 
     def total_of(self, vector: Vector) -> int:
         """Every eventfd signal read for ``vector`` since it was enabled."""
@@ -369,8 +380,7 @@ class VectorTable:
         # (the native loop's ``remove`` settles once more, atomically with
         # taking the vector out of its thread).
         self._settle(vector)
-        vector.total = self.total_of(vector)
-        self.dispatcher.remove(vector.eventfd.fileno())
+        self._stop_polling(vector)
         vector.subscribers.clear()
         vector.claimed_by = subscriber
         log.info("vector.claimed", index=index.wire_name, vector=number, total=vector.total)
@@ -790,9 +800,8 @@ class VectorTable:
 
     def _forget(self, vector: Vector) -> None:
         self._vectors.pop(vector.token, None)
-        vector.total = self.total_of(vector)
         with contextlib.suppress(KeyError, ValueError):
-            self.dispatcher.remove(vector.eventfd.fileno())
+            self._stop_polling(vector)
         vector.eventfd.close()
 
 

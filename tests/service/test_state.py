@@ -17,6 +17,8 @@ from irqd.device.sim import SimDevice
 from irqd.dispatcher import Dispatcher
 from irqd.eventfd import EventFd
 from irqd.handover import HandoverError, read_state, write_state
+from irqd.hotloop import NativeVectors
+from irqd.native_session import NativeSession
 from irqd.session import PeerCredentials, Session
 from irqd.stats import LatencyHistogram
 from irqd.vectors import VectorTable
@@ -149,6 +151,44 @@ async def test_a_session_carries_its_unsent_counts_and_identity() -> None:
     assert msgpack.unpackb(raw) == [2, "irq", ["msix", [1, 2, 3, 10]]]
     new.sock.close()
     there.close()
+
+
+@pytest.mark.parametrize("kind", ["python", "native"])
+async def test_a_restored_session_writes_resized_before_the_counts(kind: str) -> None:
+    """A grow's ``resized`` and the loopback trigger's count, both still unsent at
+    the hand-over: in the next process (with either hot loop) ``resized`` comes first."""
+    state = {
+        "id": 1,
+        "name": "c",
+        "greeted": True,
+        "requests": 1,
+        "delivered": 0,
+        "notifications": 0,
+        "connected_for": 1.0,
+        "outbox": [],
+        "pending": [[int(MSIX), 5, 1]],
+        "resized": [[int(MSIX), [5], True]],
+    }
+    here, there = socket.socketpair()
+    sock = trio.socket.from_stdlib_socket(here)
+    native = NativeVectors() if kind == "native" else None
+    session: Session
+    if native is None:
+        session = Session(sock, 1, _peer(), LatencyHistogram())
+    else:
+        session = NativeSession(sock, 1, _peer(), LatencyHistogram(), native.hot)
+    try:
+        session.restore(state)
+        await session.flush()
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(there.recv(4096))
+        assert [message[1] for message in unpacker] == ["resized", "irq"]
+    finally:
+        session.close_output()
+        if native is not None:
+            native.close()
+        sock.close()
+        there.close()
 
 
 def _peer() -> PeerCredentials:
