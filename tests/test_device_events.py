@@ -14,7 +14,8 @@ import trio
 from irqd.config import ServerConfig
 from irqd.device.base import IrqIndex
 from irqd.device.sim import SimDevice
-from irqd.server import Daemon, serve
+from irqd.server import Daemon
+from irqd.service import serve
 from irqproto.errors import Disconnected, RpcError
 from irqproto.messages import Notification
 from irqproto.notifications import (

@@ -16,7 +16,8 @@ import trio
 
 from irqd.config import HotLoop, MsixStrategy, ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
-from irqd.server import Daemon, serve
+from irqd.server import Daemon
+from irqd.service import serve
 from irqproto.errors import RpcError
 from irqproto.notifications import IrqNotification, ResizedNotification, ShutdownNotification
 from irqproto.trio_client import TrioClient, open_client

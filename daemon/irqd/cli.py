@@ -554,7 +554,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     # Imported here, not at the top: the server pulls in Trio and the device
     # backends, which the client commands and --help have no use for.
-    from irqd.server import run  # noqa: PLC0415
+    from irqd.service import run  # noqa: PLC0415
 
     return run(config)
 

@@ -24,7 +24,8 @@ import trio
 from irqd.config import ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
 from irqd.policy import AccessPolicy
-from irqd.server import Daemon, serve
+from irqd.server import Daemon
+from irqd.service import serve
 from irqproto.blocking import Client
 from irqproto.errors import RpcError
 

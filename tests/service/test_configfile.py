@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import irqd.cli
-import irqd.server
+import irqd.service
 from irqd.cli import main
 from irqd.config import HotLoop, MsixStrategy, ServerConfig
 from irqd.configfile import ConfigFileError, load_settings
@@ -124,7 +124,7 @@ def test_flags_override_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         seen.append(config)
         return 0
 
-    monkeypatch.setattr(irqd.server, "run", run)
+    monkeypatch.setattr(irqd.service, "run", run)
     # Logging is configured process-wide with caching; not from a test.
     monkeypatch.setattr(irqd.cli, "configure_logging", lambda *a, **k: None)
     path = write(tmp_path, FULL)

@@ -21,7 +21,8 @@ from irqd.errors import ConfigError
 from irqd.hotloop import NativeVectors
 from irqd.logsetup import current_level, set_log_level
 from irqd.sdnotify import Notifier, watchdog_interval
-from irqd.server import Daemon, serve
+from irqd.server import Daemon
+from irqd.service import serve
 from irqproto.notifications import ShutdownNotification
 from irqproto.trio_client import open_client
 
