@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -198,6 +199,25 @@ def test_last_unsubscribe_deassigns_and_closes(dynamic: Rig) -> None:
     assert dynamic.table.lookup(MSIX, 4) is None
     # de-assigning keeps the host vector until MSI-X is disabled
     assert dynamic.table.host_vectors()["msix"] == 2
+
+
+def test_a_vector_whose_eventfd_the_poller_dropped_can_still_be_left_and_claimed(
+    dynamic: Rig,
+) -> None:
+    """The dispatcher drops an eventfd that hangs up or reads short (and says so
+    once); the table must still let its subscribers go and its vector be claimed."""
+    a = Recorder("a")
+    dynamic.table.subscribe(a, MSIX, [1, 2])
+    for number in (1, 2):
+        vector = dynamic.table.lookup(MSIX, number)
+        assert vector is not None
+        dynamic.dispatcher.remove(vector.eventfd.fileno())  # as drain() does with a failed fd
+    dynamic.table.unsubscribe(a, MSIX, [1])
+    assert dynamic.table.lookup(MSIX, 1) is None
+    os.close(dynamic.table.claim(a, MSIX, 2))  # its subscription ends with the claim...
+    assert dynamic.table.claimed(MSIX) == [2]
+    dynamic.table.drop(a)  # ...and the claim ends here
+    assert dynamic.table.vectors() == []
 
 
 def test_unsubscribe_of_something_not_subscribed_changes_nothing(dynamic: Rig) -> None:

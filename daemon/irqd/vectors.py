@@ -233,6 +233,8 @@ class VectorTable:
         """Read what is pending on one eventfd now and credit it to the current subscribers."""
         if vector.claimed_by is not None:
             return  # its counts are the claimer's to read, not ours
+        if vector.eventfd.fileno() not in self.dispatcher:
+            return  # its eventfd failed and the poller dropped it: nothing to read
         count = self.dispatcher.drain_fd(vector.eventfd.fileno())
         if count and self._native is None:
             self.deliver(vector.token, count)
@@ -380,7 +382,8 @@ class VectorTable:
         # (the native loop's ``remove`` settles once more, atomically with
         # taking the vector out of its thread).
         self._settle(vector)
-        self._stop_polling(vector)
+        with contextlib.suppress(KeyError):  # unless the poller dropped it already
+            self._stop_polling(vector)
         vector.subscribers.clear()
         vector.claimed_by = subscriber
         log.info("vector.claimed", index=index.wire_name, vector=number, total=vector.total)
