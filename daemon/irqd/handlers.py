@@ -245,7 +245,7 @@ class Handlers:
         }
         if self.native is not None:
             # The Trio dispatcher then polls only the daemon's own eventfds.
-            dispatch.update(hot_loop="native", native=True, hot_rounds=self.native.rounds)
+            dispatch.update(hot_loop="native", hot_rounds=self.native.rounds)
         return {
             "vectors": vectors,
             "clients": clients,

@@ -66,11 +66,6 @@ class NativeVectors:
     vector that simply never fires until it releases it.
     """
 
-    #: The vector table credits nothing itself: the extension does, in its thread
-    #: and in ``drain_fd``.
-    fans_out = True
-    native = True
-
     def __init__(self) -> None:
         from irqd._hotloop import HotLoop  # noqa: PLC0415  only in native mode
 
@@ -79,7 +74,7 @@ class NativeVectors:
             names[int(index)] = index.wire_name
         self.hot: HotLoop = HotLoop(names)
         self._tokens: dict[int, int] = {}  # fd -> token, of vectors the thread polls
-        self._failed: dict[int, int] = {}  # token -> fd, of vectors it dropped
+        self._failed: dict[int, int] = {}  # fd -> token, of vectors it dropped
         self._closed = False
         self._last_rounds = 0
         self._last_latency: Sequence[int] = ()
@@ -94,30 +89,27 @@ class NativeVectors:
     def remove(self, fd: int) -> int:
         """Stop polling ``fd``, crediting what it still holds first; returns every
         count ever read from it. Call before closing fd. ``KeyError`` if unknown."""
-        token = self._tokens.pop(fd, None)
-        if token is None:
-            failed = {f: t for t, f in self._failed.items()}
-            del self._failed[failed[fd]]  # KeyError if not even that
+        if fd not in self._tokens:
+            del self._failed[fd]  # KeyError if not even that
             return 0
+        del self._tokens[fd]
         total = self.hot.vector_total(fd)
         return total + self.hot.remove_vector(fd)
 
     def drain_fd(self, fd: int) -> int:
         """Read ``fd`` now and credit the count to its current subscribers; returns it."""
-        if fd not in self._tokens:
-            if fd in self._failed.values():
-                return 0
-            raise KeyError(fd)
-        return self.hot.drain_vector(fd)
+        if fd in self._failed:
+            return 0
+        return self.hot.drain_vector(fd)  # KeyError if unknown
 
     def joined(self, token: int, subscriber: object) -> None:
         """``subscriber`` receives the vector from now on."""
-        if token not in self._failed:
+        if token not in self._failed.values():
             self.hot.subscribe(_client_id(subscriber), token)
 
     def left(self, token: int, subscriber: object) -> None:
         """``subscriber`` stops receiving the vector; what it was owed is queued to it."""
-        if token not in self._failed:
+        if token not in self._failed.values():
             self.hot.unsubscribe(_client_id(subscriber), token)
 
     def total(self, fd: int) -> int:
@@ -181,11 +173,10 @@ class NativeVectors:
         if self._closed:
             return []
         failed = self.hot.take_failed()
-        by_token = {t: f for f, t in self._tokens.items()}
-        for token in failed:
-            fd = by_token[token]
-            del self._tokens[fd]
-            self._failed[token] = fd
+        for fd, token in list(self._tokens.items()):
+            if token in failed:
+                del self._tokens[fd]
+                self._failed[fd] = token
         return failed
 
     def latency_counts(self) -> Sequence[int]:

@@ -668,8 +668,7 @@ class Daemon:
         Given ``refuse_timeout`` seconds; anything unexpected just closes.
         """
         limits = self.handlers.limits
-        # Clients are idle nearly all the time; their requests are rare.
-        conn = Connection(limits.message, release_when_idle=True)
+        conn = Connection(limits.message)
         with trio.move_on_after(limits.refuse_timeout), contextlib.suppress(OSError):
             while True:
                 try:
