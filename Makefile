@@ -41,7 +41,7 @@ test: lint typecheck pytest
 # Starts the daemon on the simulated device, fires interrupts at it from another
 # process and watches them arrive; Ctrl-C stops everything.
 run: $(STAMP)
-	$(PY) -m irqd.demo
+	$(PY) -m irqd.tools.demo
 
 # The native extensions built with AddressSanitizer and UBSan into build/asan
 # (the in-place build is left alone) and their tests run against that build;

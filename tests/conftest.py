@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from irqd import hotloop
 from irqd.config import HotLoop
+from irqd.hotpath import native as hotloop
 
 
 @pytest.fixture(params=[HotLoop.NATIVE, HotLoop.PYTHON], ids=["native", "python"])

@@ -2,7 +2,7 @@
 
 import sys
 
-from irqd.cli import main
+from irqd.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

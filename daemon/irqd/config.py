@@ -30,13 +30,13 @@ class MsixStrategy(enum.StrEnum):
 
 
 class HotLoop(enum.StrEnum):
-    """``--hot-loop``: what forwards interrupts to the clients (irqd.hotloop)."""
+    """``--hot-loop``: what forwards interrupts to the clients (irqd.hotpath.native)."""
 
     #: ``native`` when the extension ``irqd._hotloop`` is built, else ``python``.
     AUTO = "auto"
     #: The extension's own thread: eventfd to socket without entering Python.
     NATIVE = "native"
-    #: A Trio task draining one epoll set (irqd.dispatcher); the reference.
+    #: A Trio task draining one epoll set (irqd.hotpath.dispatcher); the reference.
     PYTHON = "python"
 
 

@@ -66,7 +66,7 @@ VECTOR_ACTIONS = frozenset({Action.SUBSCRIBE, Action.CLAIM, Action.TRIGGER})
 
 
 class Identity(Protocol):
-    """What the policy reads of a peer (``irqd.session.PeerCredentials`` has it)."""
+    """What the policy reads of a peer (``irqd.hotpath.session.PeerCredentials`` has it)."""
 
     @property
     def uid(self) -> int:

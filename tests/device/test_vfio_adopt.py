@@ -1,4 +1,4 @@
-"""``VfioDevice``'s side of a hand-over (irqd.handover) without a device: export and adopt.
+"""``VfioDevice``'s side of a hand-over (irqd.process.fdstore) without a device: export and adopt.
 
 Adopting real fds is run against the kernel in tests/vm (guest/main.py's
 ``handover`` step); here the checks that come before any kernel state is
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from irqd.device.vfio import HANDOVER_KEYS, VfioAdoptError, VfioDevice
-from irqd.handover import Carried, HandoverError, adopt_device, device_fds
+from irqd.process.fdstore import Carried, HandoverError, adopt_device, device_fds
 
 BDF = "0000:03:00.0"
 

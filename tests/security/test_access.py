@@ -24,8 +24,8 @@ import trio
 from irqd.config import ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
 from irqd.policy import AccessPolicy
-from irqd.server import Daemon
-from irqd.service import serve
+from irqd.process.service import serve
+from irqd.server.daemon import Daemon
 from irqproto.blocking import Client
 from irqproto.errors import RpcError
 
@@ -210,7 +210,7 @@ async def test_socket_group_membership_through_supplementary_groups(
 
 
 def test_peer_credentials_carry_supplementary_groups() -> None:
-    from irqd.session import _peer_groups  # noqa: PLC0415  private helper under test
+    from irqd.hotpath.session import _peer_groups  # noqa: PLC0415  private helper under test
 
     a, b = socket.socketpair()
     with a, b:

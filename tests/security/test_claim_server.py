@@ -14,8 +14,8 @@ import trio
 from irqd.config import ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
 from irqd.device.sim import SimDevice
-from irqd.server import Daemon
-from irqd.service import serve
+from irqd.process.service import serve
+from irqd.server.daemon import Daemon
 from irqproto.errors import RpcError
 from irqproto.trio_client import open_client
 

@@ -27,8 +27,8 @@ import trio.testing
 from irqd.config import HotLoop, ServerConfig, SimConfig
 from irqd.errors import ConfigError
 from irqd.limits import ServerLimits
-from irqd.server import Daemon
-from irqd.service import bind_listener, serve
+from irqd.process.service import bind_listener, serve
+from irqd.server.daemon import Daemon
 from irqproto.errors import RpcError
 from irqproto.trio_client import open_client
 

@@ -16,8 +16,8 @@ import trio
 from irqd.config import ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
 from irqd.device.sim import SimDevice
-from irqd.server import Daemon
-from irqd.service import serve
+from irqd.process.service import serve
+from irqd.server.daemon import Daemon
 from irqproto.trio_client import TrioClient, open_client
 
 from .wire import RawPeer, wait_until_sessions

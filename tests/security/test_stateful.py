@@ -1,7 +1,7 @@
 """Random sequences of subscribe, unsubscribe, trigger, claim, unclaim and disconnect
 against the running daemon, while interrupts fire in the background.
 
-The daemon (``irqd.service.serve`` on the simulated device) runs in the test's
+The daemon (``irqd.process.service.serve`` on the simulated device) runs in the test's
 Trio loop with real sockets and eventfds. The state machine runs in a worker
 thread with blocking ``irqproto`` clients; a Trio task fires interrupts at every
 vector that has an eventfd, as hardware would, and counts them.
@@ -46,8 +46,8 @@ from hypothesis.stateful import (
 from irqd.config import ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
 from irqd.device.sim import SimDevice
-from irqd.server import Daemon
-from irqd.service import serve
+from irqd.process.service import serve
+from irqd.server.daemon import Daemon
 from irqproto.blocking import Client
 from irqproto.errors import RpcError
 from irqproto.notifications import IrqNotification

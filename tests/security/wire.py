@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 import trio
 
-from irqd.server import Daemon
+from irqd.server.daemon import Daemon
 
 
 class RawPeer:

@@ -247,7 +247,7 @@ class SimDevice(Device):
     def intx_masked(self) -> bool:
         return self._intx_masked
 
-    # -- sim-only: restart without disarming (irqd.handover) ----------------------
+    # -- sim-only: restart without disarming (irqd.process.fdstore) ----------------------
 
     def export_state(self) -> dict[str, Any]:
         """What the "hardware" holds, as msgpack-able data, for a new daemon process.

@@ -252,7 +252,7 @@ class VfioDevice(Device):
                 ) from exc
             raise
 
-    # -- restart without disarming (irqd.handover) ------------------------------------
+    # -- restart without disarming (irqd.process.fdstore) ------------------------------------
 
     def handover_fds(self) -> dict[str, int]:
         """The container, group and device fds, by key, for systemd's fd store.

@@ -209,7 +209,7 @@ class Interrupts:
 class FakeSystemd:
     """systemd's side of sd_notify, blocking, in a thread: keeps FDSTORE=1 fds by name.
 
-    The bookkeeping is tests/service/fakesystemd.py's ``NotifyState``, the one
+    The bookkeeping is tests/process/fakesystemd.py's ``NotifyState``, the one
     the sim's hand-over test uses; only the reading differs (a thread here).
     """
 
@@ -255,9 +255,9 @@ class FakeSystemd:
 
 
 def fakesystemd() -> Any:
-    """tests/service/fakesystemd.py, loaded by path (tests/ is not a package)."""
+    """tests/process/fakesystemd.py, loaded by path (tests/ is not a package)."""
     spec = importlib.util.spec_from_file_location(
-        "fakesystemd", REPO / "tests" / "service" / "fakesystemd.py"
+        "fakesystemd", REPO / "tests" / "process" / "fakesystemd.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -266,7 +266,7 @@ def fakesystemd() -> Any:
 
 
 def launcher() -> str:
-    """tests/service/fakesystemd.py's LAUNCHER: fds at 3.. and ``$LISTEN_FDS``, then exec."""
+    """tests/process/fakesystemd.py's LAUNCHER: fds at 3.. and ``$LISTEN_FDS``, then exec."""
     return str(fakesystemd().LAUNCHER)
 
 

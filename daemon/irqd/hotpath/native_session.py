@@ -1,0 +1,198 @@
+"""A client session whose every byte goes through the native hot loop's output queue.
+
+The extension owns the session's pending interrupt counters and its output
+queue; the hot thread encodes and writes ``irq`` notifications itself. What
+Trio writes (responses, ``resized``, ``shutdown``, ``device_lost``) is appended
+to the same queue by ``HotLoop.send``, whole messages at a time, after it has
+encoded every count still pending: the guarantee of
+:class:`irqd.hotpath.session.Session` that a response comes after every count credited
+before it holds here too. Control notifications are appended at once, not by
+the session's sender task, so that ``resized`` is ahead of the count of the
+loopback trigger that follows it.
+
+``send`` never blocks. A client that does not read makes its queue grow only
+by what Trio adds, so Trio waits for the socket to become writable whenever
+the queue is above :data:`OUTPUT_HIGH_WATER` (and until it is empty when the
+message carries fds, which the extension holds until they are sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from irqd.device.base import IrqIndex
+from irqd.hotpath.session import PeerCredentials, Session, encode_notification
+from irqd.server.vectors import make_token, split_token
+from irqd.stats import LatencyHistogram
+from irqproto.notifications import ResizedNotification, TypedNotification
+
+if TYPE_CHECKING:
+    from irqd._hotloop import HotLoop
+
+#: Bytes Trio may leave queued for a client before it waits for the socket.
+OUTPUT_HIGH_WATER = 64 * 1024
+
+
+class NativeSession(Session):
+    """:class:`Session` with the extension's output path and counters."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        session_id: int,
+        peer: PeerCredentials,
+        latency: LatencyHistogram,
+        hot: HotLoop,
+    ) -> None:
+        self._hot = hot
+        #: The extension's id for this client (``irqd.hotpath.native.NativeVectors`` uses it).
+        self.client_id = hot.add_client(sock.fileno())
+        # What the counters held before this process: set by ``restore``.
+        self._base_delivered = 0
+        self._py_notifications = 0
+        #: Output taken out of the extension for a hand-over, put back if it is called off.
+        self._exported: tuple[bytes, list[tuple[int, int]]] | None = None
+        self._removed = False
+        super().__init__(sock, session_id, peer, latency)
+
+    # The extension counts what its thread delivers; these add what came before
+    # (and, once the client is removed from it, hold the final figures).
+    @property
+    def delivered(self) -> int:
+        return self._base_delivered + self._native_stats()[0]
+
+    @delivered.setter
+    def delivered(self, value: int) -> None:
+        self._base_delivered = value
+
+    @property
+    def notifications(self) -> int:
+        return self._py_notifications + self._native_stats()[1]
+
+    @notifications.setter
+    def notifications(self, value: int) -> None:
+        self._py_notifications = value
+
+    def add_pending(self, index: IrqIndex, vector: int, count: int) -> None:
+        """Credit interrupts in the extension (an adopted session's counts)."""
+        self._hot.credit(self.client_id, make_token(index, vector), count)
+
+    def pending_counters(self) -> int:
+        """How many (index, vector) counters are waiting in the extension."""
+        return self._native_stats()[2]
+
+    def pending_total(self) -> int:
+        """Interrupts credited in the extension but not yet encoded."""
+        return self._native_stats()[3]
+
+    def _native_stats(self) -> tuple[int, int, int, int, int, int]:
+        if self._removed:
+            return (0, 0, 0, 0, 0, 0)
+        return self._hot.client_stats(self.client_id)
+
+    def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
+        """Queue ``resized`` at once, ahead of the loopback trigger's count that follows it."""
+        notification = ResizedNotification(index.wire_name, tuple(sorted(vectors)), possible_loss)
+        self._post_now(encode_notification(notification))
+
+    def post(self, notification: TypedNotification) -> None:
+        """Queue a control notification at once (``shutdown``, ``device_lost``)."""
+        self._post_now(encode_notification(notification))
+
+    def _post_now(self, data: bytes) -> None:
+        # Straight into the extension's queue, which appends whole messages
+        # only, so no lock is needed for the bytes to stay in one piece; the
+        # hot thread writes what the socket does not take now. These are
+        # rare, so they need no flow control.
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self._hot.send(self.client_id, data)
+            self._py_notifications += 1
+
+    async def run_sender(self) -> None:
+        """Until cancelled: raise ``OSError`` once the extension has given up on the
+        socket (``check_output`` wakes it), which ends the session."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            error = self._native_stats()[5]
+            if error:
+                raise OSError(error, os.strerror(error))
+
+    def check_output(self) -> None:
+        """Wake the sender if the hot thread's last write to this client failed.
+
+        The thread cannot call into Python, so the daemon asks every session
+        now and then (``Daemon._native_failures_loop``).
+        """
+        if self._native_stats()[5]:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Write whatever is pending and wait until the socket has taken all of it."""
+        async with self._lock:
+            await self._write(b"", (), 0)
+
+    async def _send_locked(self, tail: bytes, fds: Sequence[int] = ()) -> None:
+        # The extension holds the fds it was given until they are sent: wait
+        # for that, so a hand-over never finds fds in a queue.
+        await self._write(tail, fds, 0 if fds else OUTPUT_HIGH_WATER)
+
+    async def _write(self, data: bytes, fds: Sequence[int], drain_to: int) -> None:
+        hot, client = self._hot, self.client_id
+        if self._removed:
+            raise trio.ClosedResourceError("the session has ended")
+        queued = hot.send(client, data, fds) if data else hot.flush(client)
+        while queued > drain_to:
+            await self.sock.wait_writable()
+            if self._removed:
+                raise trio.ClosedResourceError("the session has ended")
+            queued = hot.flush(client)
+
+    def _export_pending(self) -> list[tuple[IrqIndex, int, int]]:
+        # Called with the hot thread stopped (Daemon.hand_over): nothing moves.
+        output = self._hot.take_output(self.client_id)
+        pending = self._hot.take_pending(self.client_id)
+        self._exported = (output, pending)
+        return [(*split_token(token), count) for token, count in pending]
+
+    def _export_outbox(self) -> list[bytes]:
+        # export_state asks for pending first, so ``_exported`` is set by now;
+        # ``post`` and ``post_resized`` leave nothing in Python's outbox.
+        assert self._exported is not None
+        output = self._exported[0]
+        return [output] if output else []
+
+    def release_output(self) -> None:
+        """A hand-over was called off: put back what ``export_state`` took out."""
+        if self._exported is not None:
+            output, pending = self._exported
+            self._exported = None
+            with contextlib.suppress(OSError):
+                if output:
+                    self._hot.send(self.client_id, output)
+                for token, count in pending:
+                    self._hot.credit(self.client_id, token, count)
+        super().release_output()
+
+    def _restore_outbox(self, parts: list[bytes]) -> None:
+        data = b"".join(parts)
+        if data:
+            # Straight into the extension's queue, before any count is credited.
+            self._hot.send(self.client_id, data)
+
+    def close_output(self) -> None:
+        """Drop the client from the extension; queued output is discarded."""
+        if self._removed:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            delivered, notifications, *_ = self._hot.client_stats(self.client_id)
+            self._base_delivered += delivered
+            self._py_notifications += notifications
+        self._removed = True
+        with contextlib.suppress(KeyError, ValueError):
+            self._hot.remove_client(self.client_id)

@@ -1,0 +1,1 @@
+"""The process around the daemon: sockets, signals, systemd (notify, activation, fd store)."""

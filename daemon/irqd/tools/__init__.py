@@ -1,0 +1,1 @@
+"""Operator tools: the CLI and what only it runs (top, ping, watch rendering, the demo)."""
