@@ -25,6 +25,30 @@ Figures (medians over ``--repeat`` runs, alternating the targets):
   fast as it can, with the exact total checked, and the forwarder's CPU per
   notification under that load;
 * the daemon's RSS with 2048 vectors and 256 clients subscribed to all of them.
+
+The load shapes only a broker has, against the same relay doing the same job
+(medians over ``--broker-repeat`` runs):
+
+* fan-out: one vector subscribed by K = 1, 16, 256 clients, the relay writing
+  the same ``irq`` bytes to K sockets: CPU per delivered notification and the
+  latency until the LAST client has its notification;
+* storm isolation: one quiet vector, its own client, fired at a low steady
+  rate, while a separate process fires the other 63 (2047) vectors, held by a
+  second client that a sink drains, as fast as it can: the quiet vector's
+  p50/p99 with and without the storm (exact totals checked on both clients);
+* interrupts/s and CPU per interrupt under full load (the throughput rows),
+  with two diagnostics of what the daemon's hot thread pays for living in a
+  multi-threaded process: the relay again with an idle second thread
+  ("relay-mt"), and benchtool's ``readcost``, the ns of one eventfd read in a
+  single- and a multi-threaded process.
+
+The storm's firing process runs SCHED_IDLE on the source CPU, so the quiet
+client and the storm's sink, which share that CPU, are not kept waiting by
+it: the quiet latency then measures the forwarder, not the source CPU's
+scheduler.
+
+``--quick`` is a smoke run (one repeat, few samples): it checks that every
+mode works and every count is exact, its figures are not worth quoting.
 """
 
 from __future__ import annotations
@@ -53,6 +77,10 @@ TOOL = HERE / "build" / "benchtool"
 #: Fd numbers the relay's eventfds are moved to, so it can take a range.
 RELAY_FD_BASE = 1000
 
+#: The fan-out figures' client counts.
+FAN_OUT = (1, 16, 256)
+MAX_FAN_OUT = max(FAN_OUT)
+
 
 def build_tool() -> Path:
     """Compile benchtool if it is missing or older than its sources."""
@@ -60,7 +88,7 @@ def build_tool() -> Path:
         return TOOL
     TOOL.parent.mkdir(exist_ok=True)
     cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-Wall", "-Wextra", "-Werror", "-O2", "-o", str(TOOL), str(SOURCES[0])]
+    cmd = [cc, "-Wall", "-Wextra", "-Werror", "-O2", "-pthread", "-o", str(TOOL), str(SOURCES[0])]
     subprocess.run(cmd, check=True)
     return TOOL
 
@@ -92,6 +120,25 @@ def pin_source() -> None:
     """preexec_fn of benchtool: the source CPU."""
     if PINNED:
         os.sched_setaffinity(0, {SOURCE_CPU})
+
+
+def pin_source_background() -> None:
+    """preexec_fn of the storm's firing process: the source CPU, SCHED_IDLE.
+
+    It fires whenever that CPU has nothing else to do, which with the
+    forwarder on the other CPU is nearly always; but the quiet vector's
+    client and the storm's sink, which share that CPU with it, run the moment
+    they wake instead of waiting out its time slice. Otherwise the quiet
+    latency measures the scheduler of the source CPU, for every target alike.
+    """
+    pin_source()
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def pin_to_forwarder_cpu() -> None:
+    """preexec_fn of a process measured as a forwarder."""
+    if PINNED:
+        os.sched_setaffinity(0, {FORWARDER_CPU})
 
 
 def pin_forwarder(pid: int) -> None:
@@ -129,8 +176,13 @@ class DaemonTarget:
         self.name = name
         hot_loop = hot_loop or name
         self.path = tmp / f"irqd-{name}.sock"
+        # Room for the fan-out's 256 clients plus the harness's own, and for
+        # the kernel to finish closing one run's clients while the next connects.
+        config = tmp / f"irqd-{name}.toml"
+        config.write_text(f"[limits]\nmax_clients = {4 * MAX_FAN_OUT}\n")
         cmd = [sys.executable, "-m", "irqd", "serve", "--sim", "--sim-vectors", "2048"]
         cmd += ["--socket", str(self.path), "--log-level", "warning", "--hot-loop", hot_loop]
+        cmd += ["--config", str(config)]
         self.proc = subprocess.Popen(cmd)
         deadline = time.monotonic() + 30
         while True:
@@ -162,39 +214,124 @@ class DaemonTarget:
                 for fd in fds:
                     os.close(fd)
 
+    @contextlib.contextmanager
+    def fan_setup(self, clients: int) -> Iterator[FanSetup]:
+        """``clients`` clients, each subscribed to vector 0 alone."""
+        with contextlib.ExitStack() as stack:
+            held = [
+                stack.enter_context(
+                    Client(str(self.path), client_name=f"bench-fan-{i}", timeout=60)
+                )
+                for i in range(clients)
+            ]
+            for client in held:
+                client.subscribe("msix", [0])
+            (efd,) = held[0].sim_eventfds("msix", [0])
+            try:
+                yield FanSetup([c.fileno() for c in held], efd, self.proc.pid)
+            finally:
+                os.close(efd)
+
+    @contextlib.contextmanager
+    def storm_setup(self, vectors: int) -> Iterator[StormSetup]:
+        """A quiet client on vector 0; a storm client on vectors 1..vectors-1."""
+        with (
+            Client(str(self.path), client_name="bench-quiet", timeout=60) as quiet,
+            Client(str(self.path), client_name="bench-storm", timeout=60) as storm,
+        ):
+            quiet.subscribe("msix", [0])
+            storm.subscribe("msix", list(range(1, vectors)))
+            fds = quiet.sim_eventfds("msix", list(range(vectors)))
+            try:
+                yield StormSetup(quiet.fileno(), storm.fileno(), fds[0], fds[1:], self.proc.pid)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=20)
 
 
-class RelayTarget:
-    """benchtool's relay: the same path in plain C."""
+@dataclass
+class FanSetup:
+    """K client sockets all subscribed to one vector, and its eventfd."""
 
-    name = "relay"
+    sock_fds: list[int]
+    eventfd: int
+    pid: int
+
+
+@dataclass
+class StormSetup:
+    """The quiet vector's client and eventfd; the storm's client and eventfds."""
+
+    quiet_fd: int
+    storm_fd: int
+    quiet_eventfd: int
+    storm_eventfds: list[int]
+    pid: int
+
+
+class RelayTarget:
+    """benchtool's relay: the same path in plain C.
+
+    ``idle_thread``: the relay process gets a second thread that never runs,
+    so it pays what the daemon's hot thread pays for sharing its process's fd
+    table (a diagnostic, "relay-mt"; see ``readcost``).
+    """
+
+    def __init__(self, *, idle_thread: bool = False) -> None:
+        self.name = "relay-mt" if idle_thread else "relay"
+        self.env = dict(os.environ)
+        if idle_thread:
+            self.env["BENCHTOOL_IDLE_THREAD"] = "1"
 
     @contextlib.contextmanager
-    def setup(self, active: list[int], registered: int) -> Iterator[Setup]:
+    def _relay(self, mode: str, registered: int, clients: int) -> Iterator[tuple[list[int], int]]:
+        """``benchtool <mode>`` on ``registered`` eventfds and ``clients``
+        socketpairs: yields our ends of the sockets (in order) and its pid."""
         fds = []
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(clients)]
         for i in range(registered):
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             os.dup2(fd, RELAY_FD_BASE + i, inheritable=False)
             os.close(fd)
             fds.append(RELAY_FD_BASE + i)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs = [pair[1].fileno() for pair in pairs]
         proc = subprocess.Popen(
-            [str(TOOL), "relay", str(theirs.fileno()), str(RELAY_FD_BASE), str(registered)],
-            pass_fds=(theirs.fileno(), *fds),
+            [str(TOOL), mode, str(RELAY_FD_BASE), str(registered), *map(str, theirs)],
+            pass_fds=(*theirs, *fds),
+            env=self.env,
         )
         pin_forwarder(proc.pid)
-        theirs.close()
+        for pair in pairs:
+            pair[1].close()
         try:
-            yield Setup(ours.fileno(), [fds[v] for v in active], proc.pid)
+            yield [pair[0].fileno() for pair in pairs], proc.pid
         finally:
             proc.terminate()
             proc.wait()
-            ours.close()
+            for pair in pairs:
+                pair[0].close()
             for fd in fds:
                 os.close(fd)
+
+    @contextlib.contextmanager
+    def setup(self, active: list[int], registered: int) -> Iterator[Setup]:
+        with self._relay("relay", registered, 1) as (socks, pid):
+            yield Setup(socks[0], [RELAY_FD_BASE + v for v in active], pid)
+
+    @contextlib.contextmanager
+    def fan_setup(self, clients: int) -> Iterator[FanSetup]:
+        with self._relay("relay", 1, clients) as (socks, pid):
+            yield FanSetup(socks, RELAY_FD_BASE, pid)
+
+    @contextlib.contextmanager
+    def storm_setup(self, vectors: int) -> Iterator[StormSetup]:
+        with self._relay("relay-split", vectors, 2) as (socks, pid):
+            storm = [RELAY_FD_BASE + v for v in range(1, vectors)]
+            yield StormSetup(socks[0], socks[1], RELAY_FD_BASE, storm, pid)
 
     def close(self) -> None:
         pass
@@ -206,7 +343,7 @@ Target = DaemonTarget | RelayTarget
 def latency(target: Target, registered: int, samples: int) -> dict[str, float]:
     with target.setup([0], registered) as s:
         before = cpu_ns(s.pid)
-        p50, p90, p99, worst = map(
+        p50, p90, p99, worst, _taken = map(
             float,
             run_tool(
                 "latency", s.sock_fd, s.eventfds[0], samples, pass_fds=(s.sock_fd, *s.eventfds)
@@ -239,6 +376,79 @@ def throughput(target: Target, vectors: int, rounds: int) -> dict[str, float]:
         "notif_s": notifications / seconds,
         "irq_s": expected / seconds,
         "cpu_us": cpu / notifications / 1000,
+        "cpu_irq_ns": cpu / expected,
+    }
+
+
+def fan_out(target: Target, clients: int, samples: int) -> dict[str, float]:
+    """Latency to the last of ``clients`` clients, CPU per delivered notification."""
+    with target.fan_setup(clients) as s:
+        before = cpu_ns(s.pid)
+        out = run_tool("fanlat", s.eventfd, samples, *s.sock_fds, pass_fds=(s.eventfd, *s.sock_fds))
+        cpu = (cpu_ns(s.pid) - before) / (samples * clients) / 1000
+    p50, p90, p99, worst, wakes = map(float, out)
+    return {"p50": p50, "p90": p90, "p99": p99, "max": worst, "cpu_us": cpu, "wakes": wakes}
+
+
+#: The quiet vector's rate in the storm figure: one interrupt per millisecond,
+#: each sample waiting for the previous one's notification.
+QUIET_INTERVAL_US = 1000
+
+
+def storm(
+    target: Target, vectors: int, samples: int, *, stormy: bool, max_ms: int
+) -> dict[str, float]:
+    """The quiet vector's latency, with the other vectors firing flat out or idle.
+
+    The storm's notifications go to a client of their own, drained by a sink
+    that checks their total against the writes the firing process made.
+    """
+    with target.storm_setup(vectors) as s:
+        sink = firing = None
+        if stormy:
+            sink = subprocess.Popen(
+                [str(TOOL), "sink", str(s.storm_fd), "-"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                pass_fds=(s.storm_fd,),
+                preexec_fn=pin_source,  # noqa: PLW1509  only sched_setaffinity, before exec
+            )
+            firing = subprocess.Popen(
+                [str(TOOL), "fire", "0", *map(str, s.storm_eventfds)],
+                stdout=subprocess.PIPE,
+                text=True,
+                pass_fds=tuple(s.storm_eventfds),
+                preexec_fn=pin_source_background,  # noqa: PLW1509  only sched_*, before exec
+            )
+        started = time.monotonic()
+        try:
+            out = run_tool(
+                "latency",
+                s.quiet_fd,
+                s.quiet_eventfd,
+                samples,
+                QUIET_INTERVAL_US,
+                max_ms,
+                pass_fds=(s.quiet_fd, s.quiet_eventfd),
+            )
+        finally:
+            elapsed = time.monotonic() - started
+            writes = 0
+            if firing is not None and sink is not None:
+                firing.terminate()
+                writes = int(firing.communicate(timeout=60)[0])
+                sink.communicate(f"{writes}\n", timeout=120)
+                if firing.returncode != 0 or sink.returncode != 0:
+                    raise RuntimeError(f"{target.name}: storm counts were not exact")
+    p50, p90, p99, worst, taken = map(float, out)
+    return {
+        "p50": p50,
+        "p90": p90,
+        "p99": p99,
+        "max": worst,
+        "samples": taken,
+        "storm_irq_s": writes / elapsed,
     }
 
 
@@ -278,7 +488,142 @@ def row(label: str, figures: dict[str, float], target: str, fmt: str = "11.1f") 
     relay = figures["relay"]
     ratio = figures["native"] / relay if relay else float("nan")
     cells = " ".join(format(figures[name], f">{fmt}") for name in ("native", "python", "relay"))
-    return f"{label:<34} {cells} {ratio:>7.2f}  {target}"
+    return f"{label:<38} {cells} {ratio:>7.2f}  {target}"
+
+
+def header(title: str) -> None:
+    print(
+        f"\n{title:<38} {'native':>11} {'python':>11} {'relay':>11} "
+        f"{'ratio':>7}  target (native / relay)"
+    )
+
+
+def latency_tables(args: argparse.Namespace, targets: list[Target], tmp: Path) -> None:
+    """One vector among N: latency and CPU; then the growth from N=1 and the RSS."""
+    header("figure")
+    lat = {}
+    for n in (1, 64, 2048):
+        lat[n] = median_of(
+            args.repeat, targets, partial(latency, registered=n, samples=args.samples)
+        )
+        for key, label, target in (
+            ("p50", "latency p50 µs", "<= 1.15"),
+            ("p90", "latency p90 µs", ""),
+            ("p99", "latency p99 µs", "<= 1.3"),
+            ("cpu_us", "CPU µs per notification", "<= 1.3"),
+        ):
+            figures = {name: lat[n][name][key] for name in lat[n]}
+            print(row(f"{label}, N={n}", figures, target))
+    print()
+    for name in ("native", "python", "relay"):
+        first, last = lat[1][name], lat[2048][name]
+        print(
+            f"{name}: from N=1 to N=2048 registered: latency p50 "
+            f"{last['p50'] / first['p50'] - 1:+.1%} (median), "
+            f"{last['p50_best'] / first['p50_best'] - 1:+.1%} (best run); "
+            f"CPU per notification {last['cpu_us'] / first['cpu_us'] - 1:+.1%} "
+            f"(median), {last['cpu_us_best'] / first['cpu_us_best'] - 1:+.1%} (best run)"
+            + ("; target within 5%" if name == "native" else "")
+        )
+    for name in ("native", "python"):
+        # A daemon of its own, so the figure is the cost of the clients
+        # and not of the heap the runs above left behind.
+        fresh = DaemonTarget(tmp, f"{name}-memory", hot_loop=name)
+        try:
+            rss = memory(fresh, args.clients, 2048)
+        finally:
+            fresh.close()
+        print(
+            f"{name}: daemon RSS, 2048 vectors x {args.clients} clients: "
+            f"{rss / 1024:.1f} MiB (target <= 64 MiB)"
+        )
+
+
+def read_cost(repeat: int) -> dict[str, float]:
+    """ns per eventfd read on the forwarder CPU, single- and multi-threaded."""
+    runs: dict[str, list[float]] = {"st": [], "mt": []}
+    for _ in range(max(3, repeat)):
+        for kind, values in runs.items():
+            env = dict(os.environ) | ({"BENCHTOOL_IDLE_THREAD": "1"} if kind == "mt" else {})
+            out = subprocess.run(
+                [str(TOOL), "readcost", "64", "20000"],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+                preexec_fn=pin_to_forwarder_cpu,
+            )
+            values.append(float(out.stdout.split()[0]))
+    return {kind: statistics.median(values) for kind, values in runs.items()}
+
+
+def load_table(args: argparse.Namespace, targets: list[Target]) -> None:
+    """Every vector of N fired flat out by another process: rates and CPU."""
+    header("full load")
+    for n, rounds in ((64, args.rounds), (2048, max(1, args.rounds * 64 // 2048))):
+        # At N=64 the relay also runs with an idle second thread: the share
+        # of the gap that comes from being a thread in a bigger process.
+        diag: list[Target] = [RelayTarget(idle_thread=True)] if n == 64 else []
+        tp = median_of(args.repeat, targets + diag, partial(throughput, vectors=n, rounds=rounds))
+        figures = {name: tp[name]["notif_s"] for name in tp}
+        print(row(f"notifications/s, N={n}", figures, ">= 0.9", "11.0f"))
+        figures = {name: tp[name]["irq_s"] for name in tp}
+        print(row(f"interrupts/s, N={n}", figures, ">= 1.0", "11.0f"))
+        figures = {name: tp[name]["cpu_us"] for name in tp}
+        print(row(f"CPU µs/notification, load, N={n}", figures, ""))
+        figures = {name: tp[name]["cpu_irq_ns"] for name in tp}
+        print(row(f"CPU ns/interrupt, load, N={n}", figures, ""))
+        if diag:
+            relay, mt = tp["relay"], tp["relay-mt"]
+            print(
+                f"  relay with an idle 2nd thread, N={n}: notifications/s {mt['notif_s']:.0f} "
+                f"({mt['notif_s'] / relay['notif_s']:.2f} x relay), CPU µs/notification "
+                f"{mt['cpu_us']:.1f} ({mt['cpu_us'] / relay['cpu_us']:.2f} x relay)"
+            )
+    cost = read_cost(args.repeat)
+    print(
+        f"  eventfd read (kernel + libc), median round of 64: single-threaded process "
+        f"{cost['st']:.0f} ns, multi-threaded {cost['mt']:.0f} ns "
+        f"({cost['mt'] / cost['st'] - 1:+.0%})"
+    )
+
+
+def broker_tables(args: argparse.Namespace, targets: list[Target]) -> None:
+    """The fan-out and storm-isolation tables."""
+    header("fan-out: one vector, K clients")
+    for k in FAN_OUT:
+        samples = max(200, args.fan_samples // k)
+        fan = median_of(args.broker_repeat, targets, partial(fan_out, clients=k, samples=samples))
+        for key, label, target, fmt in (
+            ("cpu_us", "CPU µs per delivered notification", "<= 1.3", "11.1f"),
+            ("p50", "latency to last client p50 µs", "<= 1.3", "11.1f"),
+            ("p99", "latency to last client p99 µs", "<= 1.3", "11.1f"),
+            # How many batches the K notifications reached the client in.
+            ("wakes", "client wake-ups per sample", "", "11.2f"),
+        ):
+            print(row(f"{label}, K={k}", {name: fan[name][key] for name in fan}, target, fmt))
+    header(f"storm: quiet vector, 1/{QUIET_INTERVAL_US} µs")
+    for n in (64, 2048):
+        runs = {}
+        for stormy in (False, True):
+            runs[stormy] = median_of(
+                args.broker_repeat,
+                targets,
+                partial(storm, vectors=n, samples=args.storm_samples, stormy=stormy, max_ms=3000),
+            )
+        for key in ("p50", "p99"):
+            for stormy in (False, True):
+                label = f"quiet {key} µs, {'storm' if stormy else 'idle '} of {n - 1}"
+                target = "" if stormy else "(reference)"
+                print(row(label, {name: runs[stormy][name][key] for name in runs[stormy]}, target))
+        growth = {name: runs[True][name]["p99"] / runs[False][name]["p99"] for name in runs[True]}
+        print(
+            row(f"quiet p99 storm / idle, {n - 1}", growth, "native <= 1.5, ratio <= 1.0", "11.2f")
+        )
+        figures = {name: runs[True][name]["storm_irq_s"] for name in runs[True]}
+        print(row(f"storm interrupts/s, {n - 1} vectors", figures, "", "11.0f"))
+        figures = {name: runs[True][name]["samples"] for name in runs[True]}
+        print(row(f"quiet samples under storm, {n - 1}", figures, "", "11.0f"))
 
 
 def main() -> int:
@@ -287,7 +632,28 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
     parser.add_argument("--rounds", type=int, default=2000, help="throughput rounds at N=64")
     parser.add_argument("--clients", type=int, default=256, help="clients for the memory figure")
+    parser.add_argument(
+        "--fan-samples", type=int, default=5000, help="fan-out samples per run at K=1 (/ K)"
+    )
+    parser.add_argument(
+        "--broker-repeat", type=int, default=3, help="runs per fan-out and storm figure (median)"
+    )
+    parser.add_argument(
+        "--storm-samples", type=int, default=1000, help="quiet-vector samples per storm run"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: one repeat, few samples, exact counts"
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda text: set(text.split(",")),
+        default={"latency", "load", "broker"},
+        help="comma-separated tables: latency, load, broker (default: all)",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.samples, args.repeat, args.rounds, args.clients = 1000, 1, 500, 16
+        args.fan_samples, args.storm_samples, args.broker_repeat = 2000, 200, 1
 
     # 2048 eventfds for the relay on top of the daemon's: lift the soft limit.
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -309,54 +675,12 @@ def main() -> int:
         relay = RelayTarget()
         targets: list[Target] = [native, python, relay]
         try:
-            print(
-                f"\n{'figure':<34} {'native':>11} {'python':>11} {'relay':>11} "
-                f"{'ratio':>7}  target (native / relay)"
-            )
-            lat = {}
-            for n in (1, 64, 2048):
-                lat[n] = median_of(
-                    args.repeat, targets, partial(latency, registered=n, samples=args.samples)
-                )
-                for key, label, target in (
-                    ("p50", "latency p50 µs", "<= 1.15"),
-                    ("p90", "latency p90 µs", ""),
-                    ("p99", "latency p99 µs", "<= 1.3"),
-                    ("cpu_us", "CPU µs per notification", "<= 1.3"),
-                ):
-                    figures = {name: lat[n][name][key] for name in lat[n]}
-                    print(row(f"{label}, N={n}", figures, target))
-            for n, rounds in ((64, args.rounds), (2048, max(1, args.rounds * 64 // 2048))):
-                tp = median_of(args.repeat, targets, partial(throughput, vectors=n, rounds=rounds))
-                figures = {name: tp[name]["notif_s"] for name in tp}
-                print(row(f"notifications/s, N={n}", figures, ">= 0.9", "11.0f"))
-                figures = {name: tp[name]["irq_s"] for name in tp}
-                print(row(f"interrupts/s, N={n}", figures, "", "11.0f"))
-                figures = {name: tp[name]["cpu_us"] for name in tp}
-                print(row(f"CPU µs/notification, load, N={n}", figures, ""))
-            print()
-            for name in ("native", "python", "relay"):
-                first, last = lat[1][name], lat[2048][name]
-                print(
-                    f"{name}: from N=1 to N=2048 registered: latency p50 "
-                    f"{last['p50'] / first['p50'] - 1:+.1%} (median), "
-                    f"{last['p50_best'] / first['p50_best'] - 1:+.1%} (best run); "
-                    f"CPU per notification {last['cpu_us'] / first['cpu_us'] - 1:+.1%} "
-                    f"(median), {last['cpu_us_best'] / first['cpu_us_best'] - 1:+.1%} (best run)"
-                    + ("; target within 5%" if name == "native" else "")
-                )
-            for name in ("native", "python"):
-                # A daemon of its own, so the figure is the cost of the clients
-                # and not of the heap the runs above left behind.
-                fresh = DaemonTarget(Path(tmp), f"{name}-memory", hot_loop=name)
-                try:
-                    rss = memory(fresh, args.clients, 2048)
-                finally:
-                    fresh.close()
-                print(
-                    f"{name}: daemon RSS, 2048 vectors x {args.clients} clients: "
-                    f"{rss / 1024:.1f} MiB (target <= 64 MiB)"
-                )
+            if "latency" in args.only:
+                latency_tables(args, targets, Path(tmp))
+            if "load" in args.only:
+                load_table(args, targets)
+            if "broker" in args.only:
+                broker_tables(args, targets)
         finally:
             native.close()
             python.close()

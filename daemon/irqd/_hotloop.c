@@ -102,6 +102,7 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -356,19 +357,40 @@ pend_grow(struct pending *p)
     return 0;
 }
 
-/* Add to tok's counter; -1 on ENOMEM. */
+/* Add to tok's counter; -1 on ENOMEM. One probe finds the entry or the free
+ * index slot a new one goes into, rather than a lookup and then an insert
+ * probing twice. (This, the memset in pend_unindex_sorted and the raw read in
+ * read_counter took the hot thread from 330 to 255 instructions per ready
+ * vector, callgrind, 64 vectors firing; the C relay spends 51.) */
 static int
 pend_add(struct pending *p, uint32_t tok, uint64_t cnt)
 {
-    struct pent *e = pend_get(p, tok);
-    if (e == NULL) {
-        if ((p->bits == 0 || p->n + 1 > (1u << (p->bits - 1))) && pend_grow(p) < 0) {
-            return -1;
+    if (p->bits == 0 && pend_grow(p) < 0) {
+        return -1;
+    }
+    uint32_t mask = (1u << p->bits) - 1;
+    uint32_t i = home_of(tok, p->bits);
+    struct pent *e = NULL;
+    for (; p->idx[i]; i = (i + 1) & mask) {
+        if (p->ent[p->idx[i] - 1].tok == tok) {
+            e = &p->ent[p->idx[i] - 1];
+            break;
         }
-        e = &p->ent[p->n];
-        e->tok = tok;
+    }
+    if (e == NULL) {
+        if (p->n + 1 > (1u << (p->bits - 1))) {
+            if (pend_grow(p) < 0) {
+                return -1;
+            }
+            e = &p->ent[p->n];
+            e->tok = tok;
+            pend_index(p, p->n++); /* the index was rebuilt: probe it again */
+        } else {
+            e = &p->ent[p->n];
+            e->tok = tok;
+            p->idx[i] = ++p->n; /* position + 1 */
+        }
         e->cnt = 0;
-        pend_index(p, p->n++);
     }
     if (e->cnt == 0) {
         p->nonzero++;
@@ -395,12 +417,18 @@ static void
 pend_unindex_sorted(struct pending *p)
 {
     uint32_t mask = (1u << p->bits) - 1;
-    for (uint32_t pos = 0; pos < p->n; pos++) {
-        uint32_t i = home_of(p->ent[pos].tok, p->bits);
-        while (p->idx[i] != pos + 1) {
-            i = (i + 1) & mask;
+    if ((uint64_t)mask < (uint64_t)16 * p->n) {
+        /* At most 64 index bytes per entry: one memset is cheaper than a
+         * probe per entry (the common case, a table sized by what is pending). */
+        memset(p->idx, 0, sizeof *p->idx << p->bits);
+    } else {
+        for (uint32_t pos = 0; pos < p->n; pos++) {
+            uint32_t i = home_of(p->ent[pos].tok, p->bits);
+            while (p->idx[i] != pos + 1) {
+                i = (i + 1) & mask;
+            }
+            p->idx[i] = 0;
         }
-        p->idx[i] = 0;
     }
     /* Entries arrive in the order epoll reported their vectors, which under
      * load is mostly ascending (a level-triggered fd is requeued at the tail
@@ -958,11 +986,15 @@ read_counter(int fd, int careful, uint64_t *value)
             return 0;
         }
     }
-    ssize_t got;
+    /* syscall(2), not read(3): read is a cancellation point, and in a
+     * multi-threaded process glibc brackets it with two atomic updates of the
+     * caller's cancellation state, 53 instructions per ready vector
+     * (callgrind). Nothing in this file is ever cancelled. */
+    long got;
     do {
-        got = read(fd, value, sizeof *value);
+        got = syscall(SYS_read, fd, value, sizeof *value);
     } while (got < 0 && errno == EINTR);
-    if (got == (ssize_t)sizeof *value) {
+    if (got == (long)sizeof *value) {
         return 1;
     }
     if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {

@@ -1,4 +1,8 @@
-"""The daemon's settings, as one immutable value the CLI (and later a config file) builds."""
+"""The daemon's settings, as one immutable value built from flags, config file and defaults.
+
+``irqd.settings`` holds the one rule that builds it ("a flag beats the file,
+the file beats the built-in default"), for ``serve`` and for a reload alike.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from irqd.limits import ServerLimits
+from irqd.policy import AccessPolicy
 
 #: Where sockets live unless ``--socket`` or ``$VFIO_IRQD_SOCKET`` says otherwise.
 DEFAULT_SOCKET_DIR = Path("/run/vfio-irqd")
@@ -16,12 +22,13 @@ SOCKET_ENV = "VFIO_IRQD_SOCKET"
 
 #: Upper bound on the pre-armed MSI-X range when ``--msix-prearm`` is not given:
 #: pre-arming costs one host vector per entry, and a 2048-entry table per device
-#: exhausts a host quickly (cloud-hypervisor issue 7079 saw it with 257 per VF).
+#: exhausts a host quickly (github.com/cloud-hypervisor/cloud-hypervisor/issues/7079
+#: saw it with 257 per VF).
 DEFAULT_PREARM_CAP = 64
 
 
 class MsixStrategy(enum.StrEnum):
-    """How MSI-X vectors are added to a running device (DESIGN.md)."""
+    """How MSI-X vectors are added to a running device (docs/design.md, the MSI-X strategies)."""
 
     AUTO = "auto"
     DYNAMIC = "dynamic"
@@ -72,19 +79,17 @@ class ServerConfig:
     msix_prearm: int | None = None
     #: Permission bits of the listening socket, applied atomically at bind time.
     socket_mode: int = 0o660
-    # -- systemd service settings (issue #5) --------------------------------------
+    # -- service settings: config file, logging, reload ---------------------------
     #: The config file the settings came from; SIGHUP reads it again.
     config_path: Path | None = None
     #: ``--log-level`` / ``[log] level``; SIGHUP may change it.
     log_level: str = "info"
     #: ``--log-format`` / ``[log] format``.
     log_format: str = "auto"
-    #: ``[limits]`` as an ``irqd.limits.ServerLimits`` (the raw mapping when that
-    #: module is absent); ``None``: the built-in defaults. SIGHUP may change it.
-    server_limits: Any = None
-    #: ``[access]`` as an ``irqd.policy.AccessPolicy`` (the raw mapping when that
-    #: module is absent); ``None``: the built-in default. SIGHUP may change it.
-    access_policy: Any = None
+    #: ``[limits]``; ``None``: the built-in defaults. SIGHUP may change it.
+    server_limits: ServerLimits | None = None
+    #: ``[access]``; ``None``: the built-in default. SIGHUP may change it.
+    access_policy: AccessPolicy | None = None
     #: ``--wait``: wait until the device is bound to vfio-pci before opening it.
     wait_for_device: bool = False
     #: ``--hot-loop`` / ``hot_loop``: fixed at start (a restart changes it).

@@ -32,15 +32,16 @@ Every error is one :class:`ConfigFileError` naming the file, the key and the rea
 
 from __future__ import annotations
 
-import importlib
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from irqd.config import HotLoop, MsixStrategy
+from irqd.limits import LimitsError, ServerLimits
+from irqd.policy import AccessPolicy, AccessPolicyError
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
@@ -49,6 +50,8 @@ __all__ = [
     "default_config_path",
     "load_settings",
 ]
+
+_T = TypeVar("_T")
 
 #: Where ``<instance>.toml`` is looked for when ``--config`` is not given.
 DEFAULT_CONFIG_DIR = Path("/etc/vfio-irqd")
@@ -88,10 +91,10 @@ class FileSettings:
     sim_vectors: int | None = None
     sim_noresize: bool | None = None
     sim_msi_vectors: int | None = None
-    #: ``[limits]`` through ``irqd.limits.ServerLimits.from_mapping`` (or as written).
-    server_limits: Any = None
-    #: ``[access]`` through ``irqd.policy.AccessPolicy.from_mapping`` (or as written).
-    access_policy: Any = None
+    #: ``[limits]`` through ``irqd.limits.ServerLimits.from_mapping``.
+    server_limits: ServerLimits | None = None
+    #: ``[access]`` through ``irqd.policy.AccessPolicy.from_mapping``.
+    access_policy: AccessPolicy | None = None
     log_level: str | None = None
     log_format: str | None = None
 
@@ -248,10 +251,10 @@ def load_settings(path: Path) -> FileSettings:
         settings["sim_msi_vectors"] = sim.get("msi_vectors", _int_in(1, _MAX_MSI))
         sim.finish()
     settings["server_limits"] = _from_mapping(
-        path, "limits", top.raw_table("limits"), "irqd.limits", "ServerLimits"
+        path, "limits", top.raw_table("limits"), ServerLimits.from_mapping
     )
     settings["access_policy"] = _from_mapping(
-        path, "access", top.raw_table("access"), "irqd.policy", "AccessPolicy"
+        path, "access", top.raw_table("access"), AccessPolicy.from_mapping
     )
     if (logs := top.sub("log")) is not None:
         settings["log_level"] = logs.get("level", _choice(_LEVELS))
@@ -262,28 +265,23 @@ def load_settings(path: Path) -> FileSettings:
 
 
 def _from_mapping(
-    path: Path, key: str, mapping: dict[str, Any] | None, module: str, cls: str
-) -> Any:
-    """``module.cls.from_mapping(mapping)`` when that module exists, else the mapping itself.
+    path: Path,
+    key: str,
+    mapping: dict[str, Any] | None,
+    from_mapping: Callable[[Mapping[str, Any]], _T],
+) -> _T | None:
+    """``from_mapping(mapping)``, or ``None`` for a table the file leaves out.
 
-    The access layer (issue #6) owns what ``[limits]`` and ``[access]`` mean; a
-    refusal from it (a ``ValueError`` carrying ``key``/``detail``, or any
-    ``ValueError``/``TypeError``/``KeyError``) becomes a :class:`ConfigFileError`.
+    ``irqd.limits`` and ``irqd.policy`` own what ``[limits]`` and ``[access]``
+    mean; their refusal (``LimitsError``/``AccessPolicyError`` naming the key,
+    or a ``ValueError``/``TypeError``/``KeyError`` from a value they did not
+    expect) becomes a :class:`ConfigFileError`.
     """
     if mapping is None:
         return None
     try:
-        owner = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return dict(mapping)
-    from_mapping = getattr(getattr(owner, cls, None), "from_mapping", None)
-    if from_mapping is None:
-        return dict(mapping)
-    try:
         return from_mapping(mapping)
+    except (LimitsError, AccessPolicyError) as exc:
+        raise ConfigFileError(path, exc.key, exc.detail) from None
     except (ValueError, TypeError, KeyError) as exc:
-        where = getattr(exc, "key", key)
-        detail = getattr(exc, "detail", str(exc))
-        raise ConfigFileError(path, str(where), str(detail)) from None
+        raise ConfigFileError(path, key, str(exc)) from None

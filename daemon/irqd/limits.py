@@ -15,7 +15,10 @@ from typing import Any
 from irqd.errors import ConfigError
 from irqproto.limits import MAX_VECTORS_PER_REQUEST, Limits
 
-__all__ = ["LimitsError", "ServerLimits"]
+__all__ = ["MIB", "LimitsError", "ServerLimits"]
+
+#: A mebibyte, the unit of the DMA limits' defaults.
+MIB = 1024 * 1024
 
 
 class LimitsError(ConfigError, ValueError):
@@ -49,6 +52,16 @@ class ServerLimits:
             waiting for interrupts is never idle. ``math.inf`` disables it.
         refuse_timeout: seconds a refused connection (not allowed, or too many
             clients) is given to send the request its error answers.
+        dma_client_bytes: bytes of DMA memory (``dma.alloc``) one client may
+            hold at once; beyond it ``E2BIG``. The memory is pinned: it
+            cannot be swapped out while the device may reach it.
+        dma_client_mappings: DMA buffers one client may hold at once (the
+            kernel allows 65535 mappings per container, shared by every
+            client); beyond it ``E2BIG``.
+        dma_total_bytes: bytes of DMA memory every client together may
+            hold; beyond it ``ENOSPC``. The kernel counts pinned pages against
+            the daemon's ``RLIMIT_MEMLOCK`` (unless it has ``CAP_IPC_LOCK``),
+            so the unit's ``LimitMEMLOCK=`` must be at least this.
         message: the decoder limits (message size, array and map lengths,
             nesting), docs/protocol.md "Limits"; exceeding one is ``E2BIG`` and
             a closed connection.
@@ -60,10 +73,20 @@ class ServerLimits:
     hello_timeout: float = 10.0
     idle_timeout: float = 300.0
     refuse_timeout: float = 1.0
+    dma_client_bytes: int = 256 * MIB
+    dma_client_mappings: int = 4096
+    dma_total_bytes: int = 1024 * MIB
     message: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        for name in ("max_clients", "max_vectors_per_request", "max_outstanding"):
+        for name in (
+            "max_clients",
+            "max_vectors_per_request",
+            "max_outstanding",
+            "dma_client_bytes",
+            "dma_client_mappings",
+            "dma_total_bytes",
+        ):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise LimitsError(f"limits.{name}", f"must be a positive int, got {value!r}")

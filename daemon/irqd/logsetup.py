@@ -143,6 +143,19 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
 
     _gate.level = numeric
     _gate.name = level.lower()
+    shared, renderer = _processors(as_json, out)
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=_GatedBoundLogger,
+        context_class=dict,
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=True,
+    )
+    _route_stdlib(out, shared, renderer, numeric)
+
+
+def _processors(as_json: bool, out: TextIO) -> tuple[list[Processor], Processor]:
+    """The processors every event goes through, and the renderer that ends the chain."""
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -163,15 +176,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     else:
         shared.append(structlog.dev.set_exc_info)
         renderer = structlog.dev.ConsoleRenderer(colors=_colors(out))
+    return shared, renderer
 
-    structlog.configure(
-        processors=[*shared, renderer],
-        wrapper_class=_GatedBoundLogger,
-        context_class=dict,
-        logger_factory=structlog.WriteLoggerFactory(file=out),
-        cache_logger_on_first_use=True,
-    )
 
+def _route_stdlib(out: TextIO, shared: list[Processor], renderer: Processor, numeric: int) -> None:
+    """Send the standard library's logging (the root logger) through the same chain."""
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

@@ -6,7 +6,7 @@ groups, both as they were at ``connect()``). The policy decides from those
 alone; nothing here touches a socket or the clock, so every rule is unit-tested
 with plain values.
 
-Five actions are controlled:
+Seven actions are controlled:
 
 * ``connect``: may talk to the daemon at all (``hello``, ``device.info``,
   ``unsubscribe``, ``unmask``, ``unclaim`` need nothing more: they show the
@@ -15,12 +15,19 @@ Five actions are controlled:
 * ``claim``: take a vector's eventfd for oneself (``claim``);
 * ``trigger``: make interrupts happen (``trigger``; ``sim.eventfds`` on the
   simulated device, which hands out writable eventfds);
-* ``stats``: read every client's pid, uid, name and subscriptions.
+* ``stats``: read every client's pid, uid, name and subscriptions;
+* ``drive``: get the VFIO device fd (``device.open``: BARs, config space, and
+  anything else the kernel lets the device's owner do) and reset the device
+  (``device.reset``). ``device.regions`` only needs ``connect``;
+* ``dma``: get DMA memory mapped in the device's IOMMU (``dma.alloc``,
+  ``dma.free``).
 
 The default, ``AccessPolicy()``, lets root and members of the socket's group
 connect (the group that owns the socket file, which is how a packaged service
 grants access: ``SocketGroup=`` or a setgid run directory) and lets anyone who
-may connect do everything else. ``from_mapping`` builds a policy from the
+may connect do everything else, except ``drive`` and ``dma``: a holder of the
+device fd can do anything with the device, and DMA memory is pinned host
+memory, so both default to root and the daemon's own uid. ``from_mapping`` builds a policy from the
 ``[access]`` table of the config file; docs/security.md has the schema.
 """
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import grp
+import os
 import pwd
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +51,7 @@ __all__ = [
     "Action",
     "Principals",
     "VectorRule",
+    "root_and_self",
 ]
 
 #: IRQ index names on the wire (irqproto.methods.INDEX_NAMES), repeated here so
@@ -59,6 +68,8 @@ class Action(enum.StrEnum):
     CLAIM = "claim"
     TRIGGER = "trigger"
     STATS = "stats"
+    DRIVE = "drive"
+    DMA = "dma"
 
 
 #: Actions that name a vector, and so may be narrowed per vector.
@@ -136,6 +147,11 @@ ANYONE = Principals(anyone=True)
 ROOT_AND_SOCKET_GROUP = Principals(uids=frozenset({0}), socket_group=True)
 
 
+def root_and_self() -> Principals:
+    """The default for ``drive`` and ``dma``: root and the uid the daemon runs as."""
+    return Principals(uids=frozenset({0, os.geteuid()}))
+
+
 @dataclass(frozen=True)
 class VectorRule:
     """A narrower rule for some vectors of one index.
@@ -171,6 +187,8 @@ class AccessPolicy:
     claim: Principals = ANYONE
     trigger: Principals = ANYONE
     stats: Principals = ANYONE
+    drive: Principals = field(default_factory=root_and_self)
+    dma: Principals = field(default_factory=root_and_self)
     rules: tuple[VectorRule, ...] = field(default=())
 
     def denial(
@@ -270,6 +288,8 @@ def _verb(action: Action) -> str:
         Action.CLAIM: "claim",
         Action.TRIGGER: "trigger",
         Action.STATS: "read stats",
+        Action.DRIVE: "drive the device (device.open, device.reset)",
+        Action.DMA: "allocate DMA memory",
     }[action]
 
 
@@ -355,7 +375,8 @@ def _rule(entry: object, key: str, resolve: _Resolver) -> VectorRule:
     known = {"index", "vectors"} | {a.value for a in VECTOR_ACTIONS}
     for name in entry:
         if name not in known:
-            hint = " (connect and stats are not per vector)" if name in {"connect", "stats"} else ""
+            per_device = {"connect", "stats", "drive", "dma"}
+            hint = f" ({name} is not per vector)" if name in per_device else ""
             raise AccessPolicyError(
                 f"{key}.{name}", f"unknown key{hint}; expected one of {sorted(known)}"
             )

@@ -4,14 +4,15 @@ The blocking and the Trio client only move bytes and fds between a socket and
 a :class:`ClientCore`; everything they have in common lives here, so both
 behave alike and this part is testable without a socket.
 
-File descriptors: the server attaches the fds of a ``claim`` or
-``sim.eventfds`` response to that response's bytes with SCM_RIGHTS, possibly
-over several ``sendmsg`` calls (Linux passes at most 253 fds per message).
-The kernel delivers fds no later than the first byte they were attached to,
-so every fd a response carries is in :attr:`ClientCore.fds` by the time the
-response is complete. The fds arrive in the order of the responses, so
-responses take them first-in, first-out; the result's ``vectors`` says how
-many (``claim``: one, if ``vectors`` is absent).
+File descriptors: the server attaches the fds of a ``claim``,
+``sim.eventfds``, ``device.open`` or ``dma.alloc`` response to that
+response's bytes with SCM_RIGHTS, possibly over several ``sendmsg`` calls
+(Linux passes at most 253 fds per message). The kernel delivers fds no
+later than the first byte they were attached to, so every fd a response
+carries is in :attr:`ClientCore.fds` by the time the response is complete.
+The fds arrive in the order of the responses, so responses take them
+first-in, first-out; the result's ``vectors`` says how many (``claim``,
+``device.open``, ``dma.alloc``: always one).
 """
 
 from __future__ import annotations
@@ -24,16 +25,27 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .connection import Connection
-from .errors import Disconnected, RemoteProtocolError, RpcError
+from .errors import Disconnected, ErrorCode, RemoteProtocolError, RpcError
 from .limits import CLIENT_LIMITS, Limits
 from .messages import NEED_DATA, ConnectionClosed, ErrorInfo, Notification, Response
-from .methods import CLAIM, SIM_EVENTFDS
+from .methods import CLAIM, DEVICE_OPEN, DMA_ALLOC, SIM_EVENTFDS
 from .notifications import TypedNotification, parse_notification
 
-__all__ = ["FD_METHODS", "ClientCore", "Outcome", "close_fds", "fds_by_vector", "single_fd"]
+__all__ = [
+    "FD_METHODS",
+    "ONE_FD_METHODS",
+    "ClientCore",
+    "Outcome",
+    "close_fds",
+    "fds_by_vector",
+    "single_fd",
+]
 
 #: Methods whose successful response carries file descriptors.
-FD_METHODS: Final = frozenset({CLAIM, SIM_EVENTFDS})
+FD_METHODS: Final = frozenset({CLAIM, SIM_EVENTFDS, DEVICE_OPEN, DMA_ALLOC})
+#: Methods whose successful response carries exactly one fd: the vector's eventfd
+#: (``claim``), the VFIO device fd (``device.open``), the buffer's memfd (``dma.alloc``).
+ONE_FD_METHODS: Final = frozenset({CLAIM, DEVICE_OPEN, DMA_ALLOC})
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +183,9 @@ class ClientCore:
             elif isinstance(event, Notification):
                 self.notifications.append(parse_notification(event))
             else:  # a request: the server does not call clients
-                raise RemoteProtocolError(f"unexpected request {event.method!r:.40} from server")
+                raise RemoteProtocolError(
+                    ErrorCode.EPROTO, f"unexpected request {event.method!r:.40} from server"
+                )
 
     def _finish(self, response: Response) -> None:
         method = self._methods.pop(response.msgid)
@@ -186,15 +200,17 @@ class ClientCore:
 
     def _take_fds(self, method: str, result: Any) -> tuple[int, ...]:
         vectors = result.get("vectors") if isinstance(result, dict) else None
-        if vectors is None and method == CLAIM:
+        if method in ONE_FD_METHODS:
             count = 1
         elif isinstance(vectors, list):
             count = len(vectors)
         else:
-            raise RemoteProtocolError(f"{method} result must list its vectors, got {result!r:.80}")
+            raise RemoteProtocolError(
+                ErrorCode.EPROTO, f"{method} result must list its vectors, got {result!r:.80}"
+            )
         if count > len(self.fds):
             raise RemoteProtocolError(
-                f"{method} response promised {count} fds, {len(self.fds)} arrived"
+                ErrorCode.EPROTO, f"{method} response promised {count} fds, {len(self.fds)} arrived"
             )
         return tuple(self.fds.popleft() for _ in range(count))
 
@@ -211,15 +227,20 @@ def fds_by_vector(result: Any, fds: tuple[int, ...], vectors: Sequence[int]) -> 
     missing = [v for v in vectors if v not in by_vector]
     if missing:
         close_fds(fds)
-        raise RemoteProtocolError(f"sim.eventfds result lacks vectors {missing[:8]}")
+        raise RemoteProtocolError(
+            ErrorCode.EPROTO, f"sim.eventfds result lacks vectors {missing[:8]}"
+        )
     wanted = [by_vector.pop(v) for v in vectors]
     close_fds(by_vector.values())
     return wanted
 
 
-def single_fd(outcome: Outcome) -> int:
-    """The one fd of a ``claim`` response; :class:`RemoteProtocolError` otherwise."""
+def single_fd(outcome: Outcome, method: str = CLAIM) -> int:
+    """The one fd of a ``claim``/``device.open``/``dma.alloc`` response;
+    :class:`RemoteProtocolError` otherwise."""
     if len(outcome.fds) != 1:
         close_fds(outcome.fds)
-        raise RemoteProtocolError(f"claim carried {len(outcome.fds)} fds, expected 1")
+        raise RemoteProtocolError(
+            ErrorCode.EPROTO, f"{method} carried {len(outcome.fds)} fds, expected 1"
+        )
     return outcome.fds[0]

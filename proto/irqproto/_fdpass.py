@@ -7,7 +7,7 @@ import socket
 from typing import Final
 
 from ._client import close_fds
-from .errors import RemoteProtocolError
+from .errors import ErrorCode, RemoteProtocolError
 
 __all__ = ["ANCBUFSIZE", "RECV_FLAGS", "RECV_SIZE", "fds_from_ancdata"]
 
@@ -36,5 +36,7 @@ def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> l
             fds.extend(ints)
     if msg_flags & socket.MSG_CTRUNC:
         close_fds(fds)
-        raise RemoteProtocolError("the server sent more fds than one message may carry")
+        raise RemoteProtocolError(
+            ErrorCode.EPROTO, "the server sent more fds than one message may carry"
+        )
     return fds

@@ -16,10 +16,17 @@ from typing import Any
 from . import methods as m
 from ._client import ClientCore, Outcome, close_fds, fds_by_vector, single_fd
 from ._fdpass import ANCBUFSIZE, RECV_FLAGS, RECV_SIZE, fds_from_ancdata
-from .errors import Disconnected
+from .errors import Disconnected, ErrorCode, RemoteProtocolError
 from .limits import Limits
 from .messages import Notification
 from .notifications import IrqNotification, TypedNotification
+from .results import (
+    DeviceInfoResult,
+    HelloResult,
+    StatsResult,
+    SubscribeResult,
+    UnsubscribeResult,
+)
 
 __all__ = ["Client"]
 
@@ -47,7 +54,7 @@ class Client:
         """Connect to the socket at ``path``."""
         self.client_name = client_name
         self.timeout = timeout
-        self.server_info: dict[str, Any] | None = None
+        self.server_info: HelloResult | None = None
         self._core = ClientCore(limits)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -106,28 +113,28 @@ class Client:
 
     # -- methods -------------------------------------------------------------------
 
-    def hello(self) -> dict[str, Any]:
+    def hello(self) -> HelloResult:
         """Introduce this client; returns ``{"protocol", "server", "device"}``."""
-        result: dict[str, Any] = self.call(m.HELLO, m.HelloParams(self.client_name).to_params())
+        result: HelloResult = self.call(m.HELLO, m.HelloParams(self.client_name).to_params())
         return result
 
-    def device_info(self) -> dict[str, Any]:
+    def device_info(self) -> DeviceInfoResult:
         """The device and its IRQ indexes."""
-        result: dict[str, Any] = self.call(m.DEVICE_INFO)
+        result: DeviceInfoResult = self.call(m.DEVICE_INFO)
         return result
 
     def subscribe(
         self, index: str, vectors: Iterable[int], opts: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+    ) -> SubscribeResult:
         """Get ``irq`` notifications for ``vectors``; returns ``{"vectors", "enabled", "how"}``."""
         params = m.SubscribeParams(index, tuple(vectors), dict(opts or {})).to_params()
-        result: dict[str, Any] = self.call(m.SUBSCRIBE, params)
+        result: SubscribeResult = self.call(m.SUBSCRIBE, params)
         return result
 
-    def unsubscribe(self, index: str, vectors: Iterable[int]) -> dict[str, Any]:
+    def unsubscribe(self, index: str, vectors: Iterable[int]) -> UnsubscribeResult:
         """Stop ``irq`` notifications; counts queued before are delivered first."""
         params = m.UnsubscribeParams(index, tuple(vectors)).to_params()
-        result: dict[str, Any] = self.call(m.UNSUBSCRIBE, params)
+        result: UnsubscribeResult = self.call(m.UNSUBSCRIBE, params)
         return result
 
     def trigger(self, index: str, vectors: Iterable[int]) -> None:
@@ -148,9 +155,9 @@ class Client:
         """End a claim: the daemon takes the vector back. Close your fd of it too."""
         self.call(m.UNCLAIM, m.UnclaimParams(index, vector).to_params())
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsResult:
         """Counters of the whole daemon."""
-        result: dict[str, Any] = self.call(m.STATS)
+        result: StatsResult = self.call(m.STATS)
         return result
 
     def sim_eventfds(self, index: str, vectors: Iterable[int]) -> list[int]:
@@ -158,6 +165,74 @@ class Client:
         wanted = list(vectors)
         outcome = self._call(m.SIM_EVENTFDS, m.SimEventfdsParams(index, tuple(wanted)).to_params())
         return fds_by_vector(outcome.unwrap(), outcome.fds, wanted)
+
+    # -- the device broker: device access (``drive``) and DMA memory (``dma``) --------
+
+    def device_regions(self) -> list[dict[str, Any]]:
+        """Where each region of the device sits in its fd (``device.regions``).
+
+        Each item: ``{"index", "name", "size", "offset", "read", "write", "mmap",
+        "sparse"}``; see :mod:`irqproto.driver` to map and access them.
+        """
+        result: list[dict[str, Any]] = self.call(m.DEVICE_REGIONS)
+        return result
+
+    def device_open(self) -> tuple[list[dict[str, Any]], int]:
+        """The regions and a dup of the daemon's VFIO device fd (now yours: close it).
+
+        Needs the ``drive`` permission. The fd reaches BARs and config space
+        (``pread``/``pwrite``/``mmap`` at each region's ``offset``).
+        """
+        outcome = self._call(m.DEVICE_OPEN, m.DeviceOpenParams().to_params())
+        result = outcome.unwrap()
+        fd = single_fd(outcome, m.DEVICE_OPEN)
+        regions = result.get("regions") if isinstance(result, dict) else None
+        if not isinstance(regions, list):
+            close_fds([fd])
+            raise RemoteProtocolError(
+                ErrorCode.EPROTO, f"device.open result lacks its regions: {result!r:.80}"
+            )
+        return regions, fd
+
+    def device_reset(self) -> None:
+        """Reset the device (``VFIO_DEVICE_RESET``); needs ``drive``.
+
+        ``ENODEV`` when the device cannot be reset. Subscribers then get
+        ``resized`` with ``possible_loss`` for their vectors.
+        """
+        self.call(m.DEVICE_RESET, m.DeviceResetParams().to_params())
+
+    def dma_alloc(
+        self,
+        size: int,
+        *,
+        iova: int | None = None,
+        name: str | None = None,
+        hugepages: bool = False,
+        iova_max: int | None = None,
+    ) -> dict[str, Any]:
+        """DMA memory mapped for the device; needs ``dma``.
+
+        Returns the result (``{"id", "iova", "size", ...}``) with the buffer's
+        memfd added as ``"fd"`` (now yours: ``mmap`` it ``MAP_SHARED``, close it
+        when done). ``size`` is a multiple of the page size; ``iova`` asks for
+        that address, ``iova_max`` bounds it (narrow DMA masks). The mapping
+        lasts until :meth:`dma_free` or until this connection closes.
+        """
+        params = m.DmaAllocParams(size, iova, name, hugepages, iova_max).to_params()
+        outcome = self._call(m.DMA_ALLOC, params)
+        result = outcome.unwrap()
+        fd = single_fd(outcome, m.DMA_ALLOC)
+        if not isinstance(result, dict):
+            close_fds([fd])
+            raise RemoteProtocolError(
+                ErrorCode.EPROTO, f"dma.alloc result is not a map: {result!r:.80}"
+            )
+        return {**result, "fd": fd}
+
+    def dma_free(self, id: int) -> None:
+        """Unmap and release a buffer of :meth:`dma_alloc`; stop the device's DMA first."""
+        self.call(m.DMA_FREE, m.DmaFreeParams(id).to_params())
 
     # -- notifications -------------------------------------------------------------
 

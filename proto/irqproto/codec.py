@@ -34,7 +34,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import E2BIG, EPROTO, LocalProtocolError, RemoteProtocolError
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .limits import Limits
 from .messages import NEED_DATA, NeedData
 
@@ -52,7 +52,9 @@ def encode(obj: Any) -> bytes:
     try:
         return msgpack.packb(obj, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise LocalProtocolError(f"cannot encode {type(obj).__name__}: {exc}") from exc
+        raise LocalProtocolError(
+            ErrorCode.EINVAL, f"cannot encode {type(obj).__name__}: {exc}"
+        ) from exc
 
 
 class Decoder:
@@ -124,7 +126,7 @@ class Decoder:
         """The next decoded message, or :data:`NEED_DATA`."""
         if self._error is not None:
             raise RemoteProtocolError(
-                f"decoder is broken: {self._error.message}", self._error.code
+                self._error.code, f"decoder is broken: {self._error.message}"
             ) from self._error
         try:
             return self._next()
@@ -148,7 +150,7 @@ class Decoder:
                     return NEED_DATA
                 if room <= 0:
                     raise RemoteProtocolError(
-                        f"message exceeds max_message_size ({limit} bytes)", E2BIG
+                        ErrorCode.E2BIG, f"message exceeds max_message_size ({limit} bytes)"
                     ) from None
                 chunk = bytes(self._pending[:room])
                 del self._pending[:room]
@@ -168,19 +170,23 @@ class Decoder:
         try:
             unpacker.feed(chunk)
         except msgpack.BufferFull as exc:  # cannot happen: we feed within the room
-            raise RemoteProtocolError("message exceeds the unpacker buffer", E2BIG) from exc
+            raise RemoteProtocolError(
+                ErrorCode.E2BIG, "message exceeds the unpacker buffer"
+            ) from exc
 
 
 def _classify(exc: Exception) -> RemoteProtocolError:
     if isinstance(exc, msgpack.StackError | RecursionError):
-        return RemoteProtocolError("message nests too deeply", E2BIG)
+        return RemoteProtocolError(ErrorCode.E2BIG, "message nests too deeply")
     text = str(exc)
     if isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError):
         if "max_ext_len" in text:
-            return RemoteProtocolError("msgpack ext types are not used by this protocol", EPROTO)
+            return RemoteProtocolError(
+                ErrorCode.EPROTO, "msgpack ext types are not used by this protocol"
+            )
         if "exceeds max_" in text:
-            return RemoteProtocolError(f"limit exceeded: {text}", E2BIG)
-    return RemoteProtocolError(f"not valid msgpack: {type(exc).__name__}: {text}", EPROTO)
+            return RemoteProtocolError(ErrorCode.E2BIG, f"limit exceeded: {text}")
+    return RemoteProtocolError(ErrorCode.EPROTO, f"not valid msgpack: {type(exc).__name__}: {text}")
 
 
 def check_depth(obj: Any, max_depth: int) -> None:
@@ -194,7 +200,9 @@ def check_depth(obj: Any, max_depth: int) -> None:
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:
-            raise RemoteProtocolError(f"message nests deeper than max_depth ({max_depth})", E2BIG)
+            raise RemoteProtocolError(
+                ErrorCode.E2BIG, f"message nests deeper than max_depth ({max_depth})"
+            )
         # Map keys cannot be containers: msgpack rejects unhashable keys.
         children = node.values() if isinstance(node, dict) else node
         stack.extend((child, depth + 1) for child in children if isinstance(child, list | dict))

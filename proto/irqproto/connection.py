@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .codec import Decoder, encode
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .limits import Limits
 from .messages import (
     MAX_MSGID,
@@ -86,7 +86,7 @@ class Connection:
             self._eof = True
             return
         if self._eof:
-            raise LocalProtocolError("received data after EOF")
+            raise LocalProtocolError(ErrorCode.EINVAL, "received data after EOF")
         self._decoder.feed(data)
 
     def next_event(self) -> Event:
@@ -97,7 +97,7 @@ class Connection:
         """
         if self._error is not None:
             raise RemoteProtocolError(
-                f"connection is broken: {self._error.message}", self._error.code
+                self._error.code, f"connection is broken: {self._error.message}"
             ) from self._error
         try:
             return self._next_event()
@@ -111,16 +111,22 @@ class Connection:
             if not self._eof:
                 return NEED_DATA
             if self._decoder.in_message:
-                raise RemoteProtocolError("connection closed in the middle of a message")
+                raise RemoteProtocolError(
+                    ErrorCode.EPROTO, "connection closed in the middle of a message"
+                )
             return ConnectionClosed()
         msg = from_wire(obj)
         if isinstance(msg, Request):
             if msg.msgid in self._theirs:
-                raise RemoteProtocolError(f"request id {msg.msgid} is already in flight")
+                raise RemoteProtocolError(
+                    ErrorCode.EPROTO, f"request id {msg.msgid} is already in flight"
+                )
             self._theirs.add(msg.msgid)
         elif isinstance(msg, Response):
             if msg.msgid not in self._ours:
-                raise RemoteProtocolError(f"response to unknown request id {msg.msgid}")
+                raise RemoteProtocolError(
+                    ErrorCode.EPROTO, f"response to unknown request id {msg.msgid}"
+                )
             self._ours.discard(msg.msgid)
         return msg
 
@@ -135,12 +141,15 @@ class Connection:
         data = encode(to_wire(msg))
         if isinstance(msg, Request):
             if msg.msgid in self._ours:
-                raise LocalProtocolError(f"request id {msg.msgid} is already in flight")
+                raise LocalProtocolError(
+                    ErrorCode.EINVAL, f"request id {msg.msgid} is already in flight"
+                )
             self._ours.add(msg.msgid)
         elif isinstance(msg, Response):
             if msg.msgid not in self._theirs:
                 raise LocalProtocolError(
-                    f"response to request id {msg.msgid}, which is not awaiting one"
+                    ErrorCode.EINVAL,
+                    f"response to request id {msg.msgid}, which is not awaiting one",
                 )
             self._theirs.discard(msg.msgid)
         return data
@@ -164,7 +173,7 @@ class Connection:
 
     def _allocate_msgid(self) -> int:
         if len(self._ours) > MAX_MSGID:
-            raise LocalProtocolError("every msgid is in flight")
+            raise LocalProtocolError(ErrorCode.EINVAL, "every msgid is in flight")
         # Wrap at 2**32 and skip ids still awaiting a response.
         while True:
             msgid = self._next_msgid

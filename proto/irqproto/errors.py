@@ -13,6 +13,8 @@ upper-case strings below.
 
 from __future__ import annotations
 
+import enum
+
 __all__ = [
     "E2BIG",
     "EACCES",
@@ -25,6 +27,7 @@ __all__ = [
     "EPROTO",
     "ERROR_CODES",
     "Disconnected",
+    "ErrorCode",
     "LocalProtocolError",
     "ProtocolError",
     "RemoteProtocolError",
@@ -32,57 +35,80 @@ __all__ = [
     "RpcError",
 ]
 
-#: A parameter is malformed or out of range.
-EINVAL = "EINVAL"
-#: No room: the device has no more vectors or host vectors ran out.
-ENOSPC = "ENOSPC"
-#: The resource is taken (e.g. a vector another client claimed).
-EBUSY = "EBUSY"
-#: Not allowed for this client.
-EACCES = "EACCES"
-#: The device is gone, or the method does not apply to this device.
-ENODEV = "ENODEV"
-#: The byte stream or the message envelope is not this protocol,
-#: or a request came before ``hello``.
-EPROTO = "EPROTO"
-#: A message exceeded one of the decoder's limits.
-E2BIG = "E2BIG"
-#: Unknown method (an extension of DESIGN.md's list, in the spirit of errno).
-ENOSYS = "ENOSYS"
 
-#: A device call failed in a way no other code describes (an extension too).
-EIO = "EIO"
+class ErrorCode(enum.StrEnum):
+    """The error code of an error response: a short upper-case string on the wire.
 
-#: Every code the server may answer with; clients must accept others too.
-ERROR_CODES = (EINVAL, ENOSPC, EBUSY, EACCES, ENODEV, EPROTO, E2BIG, ENOSYS, EIO)
+    The names follow errno's (``include/uapi/asm-generic/errno-base.h``) for
+    their meaning, but they are strings, not the kernel's numbers: a member is
+    equal to its wire string (``ErrorCode.EINVAL == "EINVAL"``) and msgpack
+    encodes it as one. Compare a number from an ``OSError`` with ``errno.*``.
+    """
+
+    #: A parameter is malformed or out of range.
+    EINVAL = "EINVAL"
+    #: No room: the device has no more vectors or host vectors ran out.
+    ENOSPC = "ENOSPC"
+    #: The resource is taken (e.g. a vector another client claimed).
+    EBUSY = "EBUSY"
+    #: Not allowed for this client.
+    EACCES = "EACCES"
+    #: The device is gone, or the method does not apply to this device.
+    ENODEV = "ENODEV"
+    #: The byte stream or the message envelope is not this protocol,
+    #: or a request came before ``hello``.
+    EPROTO = "EPROTO"
+    #: A message exceeded one of the decoder's limits.
+    E2BIG = "E2BIG"
+    #: Unknown method (an extension of the protocol's list, in the spirit of errno).
+    ENOSYS = "ENOSYS"
+    #: A device call failed in a way no other code describes (an extension too).
+    EIO = "EIO"
+
+
+# The module-level names of earlier versions, kept as aliases of the members.
+EINVAL = ErrorCode.EINVAL
+ENOSPC = ErrorCode.ENOSPC
+EBUSY = ErrorCode.EBUSY
+EACCES = ErrorCode.EACCES
+ENODEV = ErrorCode.ENODEV
+EPROTO = ErrorCode.EPROTO
+E2BIG = ErrorCode.E2BIG
+ENOSYS = ErrorCode.ENOSYS
+EIO = ErrorCode.EIO
+
+#: Every code the server may answer with; clients must accept others too
+#: (an error response carries a plain ``str``, see :class:`RpcError`).
+ERROR_CODES: tuple[ErrorCode, ...] = tuple(ErrorCode)
 
 
 class ProtocolError(Exception):
-    """Base of every protocol error; ``code`` is the error code to answer with."""
+    """Base of every protocol error; ``code`` is the error code to answer with.
 
-    def __init__(self, code: str, message: str) -> None:
+    Every error class of this package and of the daemon takes the code first,
+    then the message.
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
 
 
 class LocalProtocolError(ProtocolError):
-    """This side misused the API, e.g. answered a request it never received."""
+    """This side misused the API, e.g. answered a request it never received.
 
-    def __init__(self, message: str, code: str = EINVAL) -> None:
-        super().__init__(code, message)
+    ``code`` is :data:`ErrorCode.EINVAL` unless said otherwise.
+    """
 
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent bytes that are not this protocol.
 
-    ``code`` is :data:`EPROTO` (not msgpack, wrong shape, unknown id) or
-    :data:`E2BIG` (a limit was exceeded). The connection that raised it is
-    broken for good.
+    ``code`` is :data:`ErrorCode.EPROTO` (not msgpack, wrong shape, unknown
+    id) or :data:`ErrorCode.E2BIG` (a limit was exceeded). The connection
+    that raised it is broken for good.
     """
-
-    def __init__(self, message: str, code: str = EPROTO) -> None:
-        super().__init__(code, message)
 
 
 class RequestError(ProtocolError):
@@ -94,13 +120,17 @@ class RequestError(ProtocolError):
     keeps the connection.
     """
 
-    def __init__(self, code: str, field: str, detail: str) -> None:
+    def __init__(self, code: ErrorCode, field: str, detail: str) -> None:
         super().__init__(code, f"{field}: {detail}")
         self.field = field
 
 
 class RpcError(Exception):
-    """The server answered a call with an error response (client side)."""
+    """The server answered a call with an error response (client side).
+
+    ``code`` is the string the server sent: usually one of :class:`ErrorCode`
+    (and then equal to it), but a newer server may send others.
+    """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

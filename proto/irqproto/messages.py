@@ -6,7 +6,9 @@ On the wire (msgpack-RPC):
 * response ``[1, msgid, error, result]``; ``error`` is nil or ``[code, message]``
 * notification ``[2, method, params]``
 
-``msgid`` is a uint32, ``method`` a str, ``params`` an array.
+``msgid`` is a uint32, ``method`` a str, ``params`` an array. What is sent is
+exactly that; what is received may also have a bin ``method`` and a lone value
+for ``params`` (see :func:`from_wire`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAX_MSGID",
@@ -30,6 +32,7 @@ __all__ = [
     "Response",
     "from_wire",
     "to_wire",
+    "undecodable",
 ]
 
 REQUEST = 0
@@ -95,7 +98,8 @@ Event: TypeAlias = Request | Response | Notification | ConnectionClosed | NeedDa
 def _check_msgid(msgid: object, err: type[LocalProtocolError | RemoteProtocolError]) -> int:
     # bool is an int subclass but never a valid msgid.
     if type(msgid) is not int or not 0 <= msgid <= MAX_MSGID:
-        raise err(f"msgid must be a uint32, got {msgid!r}")
+        code = ErrorCode.EINVAL if err is LocalProtocolError else ErrorCode.EPROTO
+        raise err(code, f"msgid must be a uint32, got {msgid!r}")
     return msgid
 
 
@@ -103,35 +107,35 @@ def from_wire(obj: Any) -> Message:
     """Turn a decoded msgpack object into a message.
 
     Raises :class:`RemoteProtocolError` (``EPROTO``) for anything that is not one
-    of the three shapes. Inner values of ``params`` and ``result`` are not
-    checked here: that is the job of :mod:`irqproto.methods` and
-    :mod:`irqproto.notifications`.
+    of the three shapes. Liberal where the reading is unambiguous: a method
+    given as bin is decoded (:func:`undecodable` flags one that is not UTF-8),
+    and params that are not an array are one param. Inner values of ``params``
+    and ``result`` are not checked here: that is the job of
+    :mod:`irqproto.methods` and :mod:`irqproto.notifications`.
     """
     if not isinstance(obj, list) or not obj:
-        raise RemoteProtocolError(f"a message must be a non-empty array, got {_kind(obj)}")
+        raise RemoteProtocolError(
+            ErrorCode.EPROTO, f"a message must be a non-empty array, got {_kind(obj)}"
+        )
     tag = obj[0]
     if type(tag) is not int or tag not in (REQUEST, RESPONSE, NOTIFICATION):
-        raise RemoteProtocolError(f"unknown message type {tag!r}")
+        raise RemoteProtocolError(ErrorCode.EPROTO, f"unknown message type {tag!r}")
     if tag == REQUEST:
         if len(obj) != 4:
-            raise RemoteProtocolError(f"a request has 4 items, got {len(obj)}")
+            raise RemoteProtocolError(ErrorCode.EPROTO, f"a request has 4 items, got {len(obj)}")
         _, msgid, method, params = obj
         _check_msgid(msgid, RemoteProtocolError)
-        _check_method(method)
-        _check_params(params)
-        return Request(msgid, method, tuple(params))
+        return Request(msgid, _method_from_wire(method), _params_from_wire(params))
     if tag == RESPONSE:
         if len(obj) != 4:
-            raise RemoteProtocolError(f"a response has 4 items, got {len(obj)}")
+            raise RemoteProtocolError(ErrorCode.EPROTO, f"a response has 4 items, got {len(obj)}")
         _, msgid, error, result = obj
         _check_msgid(msgid, RemoteProtocolError)
         return Response(msgid, _error_from_wire(error), result)
     if len(obj) != 3:
-        raise RemoteProtocolError(f"a notification has 3 items, got {len(obj)}")
+        raise RemoteProtocolError(ErrorCode.EPROTO, f"a notification has 3 items, got {len(obj)}")
     _, method, params = obj
-    _check_method(method)
-    _check_params(params)
-    return Notification(method, tuple(params))
+    return Notification(_method_from_wire(method), _params_from_wire(params))
 
 
 def to_wire(msg: Message) -> list[Any]:
@@ -149,27 +153,62 @@ def to_wire(msg: Message) -> list[Any]:
         error = None
         if msg.error is not None:
             if not isinstance(msg.error.code, str) or not isinstance(msg.error.message, str):
-                raise LocalProtocolError("ErrorInfo code and message must be str")
+                raise LocalProtocolError(ErrorCode.EINVAL, "ErrorInfo code and message must be str")
             error = [msg.error.code, msg.error.message]
         return [RESPONSE, msg.msgid, error, msg.result]
     if isinstance(msg, Notification):
         _check_local_method(msg.method)
         return [NOTIFICATION, msg.method, _local_params(msg.params)]
-    raise LocalProtocolError(f"not a message: {msg!r}")
+    raise LocalProtocolError(ErrorCode.EINVAL, f"not a message: {msg!r}")
 
 
 def _kind(obj: object) -> str:
     return type(obj).__name__
 
 
-def _check_method(method: object) -> None:
-    if not isinstance(method, str):
-        raise RemoteProtocolError(f"method must be a str, got {_kind(method)}")
+# What we accept from peers beyond the letter of msgpack-RPC, where the reading
+# is unambiguous (docs/protocol.md, "What the daemon accepts"). Client
+# libraries differ in ways the spec leaves loose; each rule here is one of them.
 
 
-def _check_params(params: object) -> None:
-    if not isinstance(params, list):
-        raise RemoteProtocolError(f"params must be an array, got {_kind(params)}")
+def _method_from_wire(method: object) -> str:
+    """The method name of a request or notification: a str, or a bin.
+
+    A bin holding valid UTF-8 is that name (libraries that pack a ``bytes``
+    name as bin, e.g. pynvim's ``b"nvim_set_client_info"``). A bin that is not
+    UTF-8 is kept as a str by the ``surrogateescape`` convention (PEP 383, as
+    ``os.fsdecode`` does): every undecodable byte becomes one lone surrogate,
+    which a str decoded from msgpack can never hold. :func:`undecodable` tells
+    such a name apart, so a server can answer that request ``EINVAL`` and keep
+    the stream, which is intact.
+    """
+    if isinstance(method, str):
+        return method
+    if isinstance(method, bytes):
+        return method.decode("utf-8", "surrogateescape")
+    raise RemoteProtocolError(ErrorCode.EPROTO, f"method must be a str or bin, got {_kind(method)}")
+
+
+def undecodable(method: str) -> bool:
+    """True if ``method`` came from a bin name that is not valid UTF-8."""
+    try:
+        method.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _params_from_wire(params: object) -> tuple[Any, ...]:
+    """The params of a request or notification: an array, or one lone value.
+
+    An array is the params. Anything else cannot be the params array, so it is
+    read as the one param of a call (``"intx"`` is ``["intx"]``, nil is
+    ``[nil]``). The method's own arity check then answers ``EINVAL`` if one
+    param is wrong for it, and the connection stays usable.
+    """
+    if isinstance(params, list):
+        return tuple(params)
+    return (params,)
 
 
 def _error_from_wire(error: object) -> ErrorInfo | None:
@@ -182,16 +221,20 @@ def _error_from_wire(error: object) -> ErrorInfo | None:
         and isinstance(error[1], str)
     ):
         return ErrorInfo(error[0], error[1])
-    raise RemoteProtocolError(f"error must be nil or [code, message], got {error!r:.80}")
+    raise RemoteProtocolError(
+        ErrorCode.EPROTO, f"error must be nil or [code, message], got {error!r:.80}"
+    )
 
 
 def _check_local_method(method: object) -> None:
     if not isinstance(method, str):
-        raise LocalProtocolError(f"method must be a str, got {_kind(method)}")
+        raise LocalProtocolError(ErrorCode.EINVAL, f"method must be a str, got {_kind(method)}")
 
 
 def _local_params(params: object) -> list[Any]:
     # A str is a sequence too, but params="x" is certainly a mistake.
     if not isinstance(params, list | tuple):
-        raise LocalProtocolError(f"params must be a list or tuple, got {_kind(params)}")
+        raise LocalProtocolError(
+            ErrorCode.EINVAL, f"params must be a list or tuple, got {_kind(params)}"
+        )
     return list(params)

@@ -15,12 +15,19 @@ from typing import Any, Final, TypeAlias
 
 from .errors import EINVAL, ENOSYS, RequestError
 from .limits import MAX_VECTOR, MAX_VECTORS_PER_REQUEST
+from .messages import undecodable
 
 __all__ = [
     "CLAIM",
     "DEVICE_INFO",
+    "DEVICE_OPEN",
+    "DEVICE_REGIONS",
+    "DEVICE_RESET",
+    "DMA_ALLOC",
+    "DMA_FREE",
     "HELLO",
     "INDEX_NAMES",
+    "MAX_DMA_NAME",
     "METHODS",
     "PROTOCOL_VERSION",
     "SIM_EVENTFDS",
@@ -32,6 +39,11 @@ __all__ = [
     "UNSUBSCRIBE",
     "ClaimParams",
     "DeviceInfoParams",
+    "DeviceOpenParams",
+    "DeviceRegionsParams",
+    "DeviceResetParams",
+    "DmaAllocParams",
+    "DmaFreeParams",
     "HelloParams",
     "Params",
     "SimEventfdsParams",
@@ -57,10 +69,22 @@ UNSUBSCRIBE: Final = "unsubscribe"
 TRIGGER: Final = "trigger"
 UNMASK: Final = "unmask"
 CLAIM: Final = "claim"
-#: An extension of DESIGN.md's list: ends a claim without closing the connection.
+#: An extension of the original method list: ends a claim without closing the connection.
 UNCLAIM: Final = "unclaim"
 STATS: Final = "stats"
 SIM_EVENTFDS: Final = "sim.eventfds"
+# The device broker: device access (permission ``drive``) and DMA memory (``dma``).
+DEVICE_REGIONS: Final = "device.regions"
+DEVICE_OPEN: Final = "device.open"
+DEVICE_RESET: Final = "device.reset"
+DMA_ALLOC: Final = "dma.alloc"
+DMA_FREE: Final = "dma.free"
+
+#: Longest ``name`` of a ``dma.alloc`` (it only labels the buffer in logs and stats).
+MAX_DMA_NAME: Final = 64
+#: Largest ``size``, ``iova`` or ``iova_max`` on the wire: a ``__u64`` of the kernel's
+#: ``struct vfio_iommu_type1_dma_map`` (include/uapi/linux/vfio.h).
+_U64_MAX: Final = 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +201,73 @@ class SimEventfdsParams:
         return [self.index, list(self.vectors)]
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceRegionsParams:
+    """``device.regions []``."""
+
+    def to_params(self) -> list[Any]:
+        """The params array for the wire."""
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOpenParams:
+    """``device.open []``."""
+
+    def to_params(self) -> list[Any]:
+        """The params array for the wire."""
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceResetParams:
+    """``device.reset []``."""
+
+    def to_params(self) -> list[Any]:
+        """The params array for the wire."""
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class DmaAllocParams:
+    """``dma.alloc [size]`` or ``[size, {"iova", "name", "hugepages", "iova_max"}]``.
+
+    ``iova``: map exactly there (it must be free and usable); ``iova_max``: the
+    highest IOVA the device can reach (a narrow DMA mask), the buffer's last
+    byte included; ``hugepages``: back it with huge pages where available.
+    """
+
+    size: int
+    iova: int | None = None
+    name: str | None = None
+    hugepages: bool = False
+    iova_max: int | None = None
+
+    def to_params(self) -> list[Any]:
+        """The params array for the wire; options at their default are left out."""
+        opts: dict[str, Any] = {}
+        if self.iova is not None:
+            opts["iova"] = self.iova
+        if self.name is not None:
+            opts["name"] = self.name
+        if self.hugepages:
+            opts["hugepages"] = True
+        if self.iova_max is not None:
+            opts["iova_max"] = self.iova_max
+        return [self.size, opts] if opts else [self.size]
+
+
+@dataclass(frozen=True, slots=True)
+class DmaFreeParams:
+    """``dma.free [id]``."""
+
+    id: int
+
+    def to_params(self) -> list[Any]:
+        """The params array for the wire."""
+        return [self.id]
+
+
 Params: TypeAlias = (
     HelloParams
     | DeviceInfoParams
@@ -188,6 +279,11 @@ Params: TypeAlias = (
     | UnclaimParams
     | StatsParams
     | SimEventfdsParams
+    | DeviceRegionsParams
+    | DeviceOpenParams
+    | DeviceResetParams
+    | DmaAllocParams
+    | DmaFreeParams
 )
 
 
@@ -195,10 +291,14 @@ def parse_params(method: str, params: Sequence[Any]) -> Params:
     """Validate ``params`` for ``method`` and return them typed.
 
     Raises :class:`RequestError`: ``ENOSYS`` (field ``method``) for an unknown
-    method, ``EINVAL`` naming the field for bad params.
+    method, ``EINVAL`` for a method name that is not UTF-8 and, naming the
+    field, for bad params.
     """
     parser = _PARSERS.get(method)
     if parser is None:
+        if undecodable(method):  # a bin name that is not UTF-8 (messages.from_wire)
+            raw = method.encode("utf-8", "surrogateescape")
+            raise RequestError(EINVAL, "method", f"a bin name that is not UTF-8: {raw!r:.80}")
         raise RequestError(ENOSYS, "method", f"unknown method {method!r:.80}")
     return parser(params)
 
@@ -333,6 +433,54 @@ def _stats(params: Sequence[Any]) -> StatsParams:
     return StatsParams()
 
 
+def _u64(value: object, where: str) -> int:
+    if type(value) is not int:
+        raise _fail(where, f"expected an int, got {type(value).__name__}")
+    if not 0 <= value <= _U64_MAX:
+        raise _fail(where, f"{value} is out of range 0..2**64-1")
+    return value
+
+
+def _no_params(kind: Callable[[], Params]) -> Callable[[Sequence[Any]], Params]:
+    def parse(params: Sequence[Any]) -> Params:
+        _arity(params, 0)
+        return kind()
+
+    return parse
+
+
+_DMA_OPTS: Final = ("iova", "name", "hugepages", "iova_max")
+
+
+def _dma_alloc(params: Sequence[Any]) -> DmaAllocParams:
+    _arity(params, 1, 2)
+    size = _u64(params[0], "params[0]")
+    opts = _map(params[1], "params[1]") if len(params) == 2 else {}
+    for key in opts:
+        if key not in _DMA_OPTS:
+            raise _fail(f"params[1].{key!s:.40}", f"unknown option; expected one of {_DMA_OPTS}")
+    iova = opts.get("iova")
+    iova_max = opts.get("iova_max")
+    name = opts.get("name")
+    hugepages = opts.get("hugepages", False)
+    if iova is not None:
+        iova = _u64(iova, "params[1].iova")
+    if iova_max is not None:
+        iova_max = _u64(iova_max, "params[1].iova_max")
+    if name is not None:
+        name = _str(name, "params[1].name")
+        if len(name) > MAX_DMA_NAME:
+            raise _fail("params[1].name", f"at most {MAX_DMA_NAME} characters")
+    if type(hugepages) is not bool:
+        raise _fail("params[1].hugepages", f"expected a bool, got {type(hugepages).__name__}")
+    return DmaAllocParams(size, iova, name, hugepages, iova_max)
+
+
+def _dma_free(params: Sequence[Any]) -> DmaFreeParams:
+    _arity(params, 1)
+    return DmaFreeParams(_u64(params[0], "params[0]"))
+
+
 _PARSERS: Final[dict[str, Callable[[Sequence[Any]], Params]]] = {
     HELLO: _hello,
     DEVICE_INFO: _device_info,
@@ -344,6 +492,11 @@ _PARSERS: Final[dict[str, Callable[[Sequence[Any]], Params]]] = {
     UNCLAIM: _unclaim,
     STATS: _stats,
     SIM_EVENTFDS: _sim_eventfds,
+    DEVICE_REGIONS: _no_params(DeviceRegionsParams),
+    DEVICE_OPEN: _no_params(DeviceOpenParams),
+    DEVICE_RESET: _no_params(DeviceResetParams),
+    DMA_ALLOC: _dma_alloc,
+    DMA_FREE: _dma_free,
 }
 
 #: Every method of protocol version 1.

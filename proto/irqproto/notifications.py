@@ -16,7 +16,7 @@ from typing import Any, Final, TypeAlias
 
 import msgpack
 
-from .errors import RemoteProtocolError
+from .errors import ErrorCode, RemoteProtocolError
 from .limits import MAX_VECTOR
 from .messages import NOTIFICATION, Notification
 from .methods import INDEX_NAMES
@@ -42,7 +42,7 @@ IRQ: Final = "irq"
 RESIZED: Final = "resized"
 DEVICE_LOST: Final = "device_lost"
 SHUTDOWN: Final = "shutdown"
-#: Extension (not in DESIGN.md's table): the device reported an error (AER).
+#: Extension (not in the original notification table): the device reported an error (AER).
 ERR: Final = "err"
 
 #: The reasons the server gives for ``device_lost`` today; clients must accept others.
@@ -176,7 +176,7 @@ def parse_notification(msg: Notification) -> TypedNotification | Notification:
 
 
 def _bad(name: str, detail: str) -> RemoteProtocolError:
-    return RemoteProtocolError(f"bad {name} notification: {detail}")
+    return RemoteProtocolError(ErrorCode.EPROTO, f"bad {name} notification: {detail}")
 
 
 def _index(value: object, name: str) -> str:

@@ -21,10 +21,17 @@ import trio
 from . import methods as m
 from ._client import ClientCore, Outcome, close_fds, fds_by_vector, single_fd
 from ._fdpass import ANCBUFSIZE, RECV_FLAGS, RECV_SIZE, fds_from_ancdata
-from .errors import Disconnected
+from .errors import Disconnected, ErrorCode, RemoteProtocolError
 from .limits import Limits
 from .messages import Notification
 from .notifications import IrqNotification, TypedNotification
+from .results import (
+    DeviceInfoResult,
+    HelloResult,
+    StatsResult,
+    SubscribeResult,
+    UnsubscribeResult,
+)
 
 __all__ = ["TrioClient", "open_client"]
 
@@ -86,7 +93,7 @@ class TrioClient:
         """Wrap a connected socket; use :func:`open_client` instead."""
         self.client_name = client_name
         self.timeout = timeout
-        self.server_info: dict[str, Any] | None = None
+        self.server_info: HelloResult | None = None
         self._sock = sock
         self._core = ClientCore(limits)
         self._send_lock = trio.Lock()  # one request's bytes never interleave another's
@@ -120,29 +127,29 @@ class TrioClient:
 
     # -- methods -------------------------------------------------------------------
 
-    async def hello(self) -> dict[str, Any]:
+    async def hello(self) -> HelloResult:
         """Introduce this client; returns ``{"protocol", "server", "device"}``."""
         params = m.HelloParams(self.client_name).to_params()
-        result: dict[str, Any] = await self.call(m.HELLO, params)
+        result: HelloResult = await self.call(m.HELLO, params)
         return result
 
-    async def device_info(self) -> dict[str, Any]:
+    async def device_info(self) -> DeviceInfoResult:
         """The device and its IRQ indexes."""
-        result: dict[str, Any] = await self.call(m.DEVICE_INFO)
+        result: DeviceInfoResult = await self.call(m.DEVICE_INFO)
         return result
 
     async def subscribe(
         self, index: str, vectors: Iterable[int], opts: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+    ) -> SubscribeResult:
         """Get ``irq`` notifications for ``vectors``; returns ``{"vectors", "enabled", "how"}``."""
         params = m.SubscribeParams(index, tuple(vectors), dict(opts or {})).to_params()
-        result: dict[str, Any] = await self.call(m.SUBSCRIBE, params)
+        result: SubscribeResult = await self.call(m.SUBSCRIBE, params)
         return result
 
-    async def unsubscribe(self, index: str, vectors: Iterable[int]) -> dict[str, Any]:
+    async def unsubscribe(self, index: str, vectors: Iterable[int]) -> UnsubscribeResult:
         """Stop ``irq`` notifications; counts queued before are delivered first."""
         params = m.UnsubscribeParams(index, tuple(vectors)).to_params()
-        result: dict[str, Any] = await self.call(m.UNSUBSCRIBE, params)
+        result: UnsubscribeResult = await self.call(m.UNSUBSCRIBE, params)
         return result
 
     async def trigger(self, index: str, vectors: Iterable[int]) -> None:
@@ -163,9 +170,9 @@ class TrioClient:
         """End a claim: the daemon takes the vector back. Close your fd of it too."""
         await self.call(m.UNCLAIM, m.UnclaimParams(index, vector).to_params())
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> StatsResult:
         """Counters of the whole daemon."""
-        result: dict[str, Any] = await self.call(m.STATS)
+        result: StatsResult = await self.call(m.STATS)
         return result
 
     async def sim_eventfds(self, index: str, vectors: Iterable[int]) -> list[int]:
@@ -174,6 +181,74 @@ class TrioClient:
         params = m.SimEventfdsParams(index, tuple(wanted)).to_params()
         outcome = await self._call(m.SIM_EVENTFDS, params)
         return fds_by_vector(outcome.unwrap(), outcome.fds, wanted)
+
+    # -- the device broker: device access (``drive``) and DMA memory (``dma``) --------
+
+    async def device_regions(self) -> list[dict[str, Any]]:
+        """Where each region of the device sits in its fd (``device.regions``).
+
+        Each item: ``{"index", "name", "size", "offset", "read", "write", "mmap",
+        "sparse"}``; see :mod:`irqproto.driver` to map and access them.
+        """
+        result: list[dict[str, Any]] = await self.call(m.DEVICE_REGIONS)
+        return result
+
+    async def device_open(self) -> tuple[list[dict[str, Any]], int]:
+        """The regions and a dup of the daemon's VFIO device fd (now yours: close it).
+
+        Needs the ``drive`` permission. The fd reaches BARs and config space
+        (``pread``/``pwrite``/``mmap`` at each region's ``offset``).
+        """
+        outcome = await self._call(m.DEVICE_OPEN, m.DeviceOpenParams().to_params())
+        result = outcome.unwrap()
+        fd = single_fd(outcome, m.DEVICE_OPEN)
+        regions = result.get("regions") if isinstance(result, dict) else None
+        if not isinstance(regions, list):
+            close_fds([fd])
+            raise RemoteProtocolError(
+                ErrorCode.EPROTO, f"device.open result lacks its regions: {result!r:.80}"
+            )
+        return regions, fd
+
+    async def device_reset(self) -> None:
+        """Reset the device (``VFIO_DEVICE_RESET``); needs ``drive``.
+
+        ``ENODEV`` when the device cannot be reset. Subscribers then get
+        ``resized`` with ``possible_loss`` for their vectors.
+        """
+        await self.call(m.DEVICE_RESET, m.DeviceResetParams().to_params())
+
+    async def dma_alloc(
+        self,
+        size: int,
+        *,
+        iova: int | None = None,
+        name: str | None = None,
+        hugepages: bool = False,
+        iova_max: int | None = None,
+    ) -> dict[str, Any]:
+        """DMA memory mapped for the device; needs ``dma``.
+
+        Returns the result (``{"id", "iova", "size", ...}``) with the buffer's
+        memfd added as ``"fd"`` (now yours: ``mmap`` it ``MAP_SHARED``, close it
+        when done). ``size`` is a multiple of the page size; ``iova`` asks for
+        that address, ``iova_max`` bounds it (narrow DMA masks). The mapping
+        lasts until :meth:`dma_free` or until this connection closes.
+        """
+        params = m.DmaAllocParams(size, iova, name, hugepages, iova_max).to_params()
+        outcome = await self._call(m.DMA_ALLOC, params)
+        result = outcome.unwrap()
+        fd = single_fd(outcome, m.DMA_ALLOC)
+        if not isinstance(result, dict):
+            close_fds([fd])
+            raise RemoteProtocolError(
+                ErrorCode.EPROTO, f"dma.alloc result is not a map: {result!r:.80}"
+            )
+        return {**result, "fd": fd}
+
+    async def dma_free(self, id: int) -> None:
+        """Unmap and release a buffer of :meth:`dma_alloc`; stop the device's DMA first."""
+        await self.call(m.DMA_FREE, m.DmaFreeParams(id).to_params())
 
     # -- notifications -------------------------------------------------------------
 
@@ -190,22 +265,20 @@ class TrioClient:
                 await self._changed.wait()
         return note
 
-    async def notifications(
+    def notifications(
         self, timeout: float | None = None
     ) -> AsyncIterator[TypedNotification | Notification]:
-        """Every notification until the server closes; ``timeout`` applies to each."""
-        while True:
-            try:
-                note = await self.next_notification(timeout)
-            except Disconnected:
-                return
-            yield note
+        """Every notification until the server closes; ``timeout`` applies to each.
 
-    async def interrupts(self, timeout: float | None = None) -> AsyncIterator[IrqNotification]:
+        For ``async for``. Leaving the loop early needs no clean-up: this is a
+        plain iterator, not an async generator that Trio would have to finalize
+        (and warn about, ``ResourceWarning``, when dropped unfinished).
+        """
+        return _Notifications(self, timeout)
+
+    def interrupts(self, timeout: float | None = None) -> AsyncIterator[IrqNotification]:
         """The ``irq`` notifications until the server closes; others are skipped."""
-        async for note in self.notifications(timeout):
-            if isinstance(note, IrqNotification):
-                yield note
+        return _Interrupts(self, timeout)
 
     # -- I/O -----------------------------------------------------------------------
 
@@ -254,3 +327,36 @@ def _timeout(seconds: float | None) -> Iterator[None]:
             yield
     except trio.TooSlowError as exc:
         raise TimeoutError("timed out") from exc
+
+
+class _Notifications:
+    """:meth:`TrioClient.notifications`: each next notification, until the server closes."""
+
+    def __init__(self, client: TrioClient, timeout: float | None) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    def __aiter__(self) -> _Notifications:
+        return self
+
+    async def __anext__(self) -> TypedNotification | Notification:
+        try:
+            return await self._client.next_notification(self._timeout)
+        except Disconnected:
+            raise StopAsyncIteration from None
+
+
+class _Interrupts:
+    """:meth:`TrioClient.interrupts`: each next ``irq`` notification, until the server closes."""
+
+    def __init__(self, client: TrioClient, timeout: float | None) -> None:
+        self._notifications = _Notifications(client, timeout)
+
+    def __aiter__(self) -> _Interrupts:
+        return self
+
+    async def __anext__(self) -> IrqNotification:
+        while True:
+            note = await self._notifications.__anext__()
+            if isinstance(note, IrqNotification):
+                return note

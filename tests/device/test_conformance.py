@@ -2,8 +2,8 @@
 through the interface with real eventfds.
 
 Rules are from drivers/vfio/pci/vfio_pci_intrs.c and vfio_pci_core.c (6.1 and
-6.12) and drivers/vfio/vfio_main.c; see /work/shared/vfio-notes.md and the
-docstring of irqd/device/sim.py. Where 6.1 (NORESIZE) and 6.12 (dynamic
+6.12) and drivers/vfio/vfio_main.c; see docs/design.md ("Kernel facts the code
+relies on") and the docstring of irqd/device/sim.py. Where 6.1 (NORESIZE) and 6.12 (dynamic
 MSI-X) differ, the test asks ``shape.noresize``.
 """
 

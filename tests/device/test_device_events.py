@@ -6,6 +6,7 @@ device's ``driver/unbind`` there makes the kernel signal REQ).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ async def test_req_tells_every_client_releases_everything_and_stops(
     assert sim.assigned_fd(IrqIndex.ERR, 0) is None
     with pytest.raises(OSError):
         sim.irq_info(IrqIndex.MSIX)  # closed
-    assert daemon.dispatcher.closed
+    assert daemon.own_loop.dispatcher.closed
 
 
 async def test_a_request_after_req_gets_enodev_not_a_device_call(
@@ -128,3 +129,29 @@ async def test_a_request_after_req_gets_enodev_not_a_device_call(
         assert len(sim.calls) == calls  # no new work reached the device
     with trio.fail_after(DEADLINE):
         await stopped.wait()
+
+
+async def test_req_unmaps_every_dma_buffer_before_the_device_is_closed(
+    tmp_path: Path, nursery: trio.Nursery, sim: SimDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, stopped = await start(nursery, tmp_path, sim)
+    unmapped: list[tuple[int, int]] = []
+    real_unmap = sim.dma_unmap
+
+    def unmap(iova: int, size: int) -> int:
+        done = real_unmap(iova, size)  # raises once the device is closed
+        unmapped.append((iova, size))
+        return done
+
+    monkeypatch.setattr(sim, "dma_unmap", unmap)
+    async with open_client(str(daemon.config.socket_path), client_name="driver") as a:
+        buffer = await a.dma_alloc(4096)
+        os.close(buffer["fd"])
+        sim.request_release()
+        assert await next_other_than_irq(a) == DeviceLostNotification("request")
+    with trio.fail_after(DEADLINE):
+        await stopped.wait()
+    # Unmapped by the daemon while the container was still open, not merely
+    # forgotten when the device closed.
+    assert unmapped == [(buffer["iova"], 4096)]
+    assert daemon.handlers.broker.totals() == {"bytes": 0, "mappings": 0}

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from irqd.device.base import AdoptError, IrqIndex, StoredDevice, Unsupported
 from irqd.device.vfio import HANDOVER_KEYS, VfioAdoptError, VfioDevice
 from irqd.process.fdstore import Carried, HandoverError, adopt_device, device_fds
 
@@ -113,3 +114,31 @@ def test_a_refused_adoption_starts_afresh_instead_of_failing_the_daemon() -> Non
     carried.device_fds = {}
     with pytest.raises(VfioAdoptError, match="lacks its container, group, device fd"):
         adopt_device(carried, lambda: pytest.fail("must not open"), BDF)
+
+
+def test_a_real_device_refuses_to_give_back_assigned_eventfds(pipes: dict[str, int]) -> None:
+    # sim.eventfds: the kernel does not hand an assigned eventfd back.
+    device = shell(pipes)
+    with pytest.raises(Unsupported, match="only on the simulated device"):
+        device.assigned_fd(IrqIndex.MSIX, 0)
+    device.close()
+
+
+def test_adopt_stored_without_a_configured_address_closes_the_fds(
+    pipes: dict[str, int],
+) -> None:
+    stored = StoredDevice(configured=None, state=None, fds=dict(pipes))
+    with pytest.raises(AdoptError, match="simulation is configured"):
+        VfioDevice.adopt_stored(stored, lambda: pytest.fail("must not open"))
+    assert stored.fds == {} and not any(is_open(fd) for fd in pipes.values())
+
+
+def test_state_of_earlier_versions_names_the_class_and_is_still_adopted(
+    pipes: dict[str, int],
+) -> None:
+    # Before the backend name was written, ``kind`` was the class name.
+    carried = Carried({"device": {"kind": "VfioDevice", "name": BDF, "state": None}})
+    carried.device_fds = dict(pipes)
+    with pytest.raises(VfioAdoptError, match="not the VFIO object it is named after"):
+        adopt_device(carried, lambda: pytest.fail("must not open"), BDF)
+    assert carried.device_fds == {} and not any(is_open(fd) for fd in pipes.values())

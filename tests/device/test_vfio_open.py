@@ -85,7 +85,7 @@ def test_group_node_missing(tmp_path: Path) -> None:
 
 
 def test_ioctl_numbers_match_the_header() -> None:
-    # vfio-notes.md's table: _IO(';', 100 + n).
+    # include/uapi/linux/vfio.h: _IO(VFIO_TYPE, VFIO_BASE + n) = _IO(';', 100 + n).
     assert io.VFIO_GET_API_VERSION == 0x3B64
     assert io.VFIO_SET_IOMMU == 0x3B66
     assert io.VFIO_GROUP_GET_DEVICE_FD == 0x3B6A

@@ -46,7 +46,7 @@ def drained(d: Dispatcher) -> dict[int, int]:
 
 
 def test_native_is_built() -> None:
-    # `make install` builds irqd._drain; the fallback must not hide a broken build.
+    # `make venv` builds irqd._drain; the fallback must not hide a broken build.
     assert Dispatcher().native
 
 

@@ -1,29 +1,35 @@
-"""irqd.hotpath.native.NativeVectors: the vector table's view of the native hot loop."""
+"""irqd.hotpath.native.NativeHotLoop: the vector table's view of the native hot loop."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 import pytest
 
 from irqd.device.base import IrqIndex
-from irqd.hotpath.native import NativeVectors
-from irqd.server.vectors import make_token
+from irqd.hotpath.native import NativeHotLoop
+from irqd.tokens import make_token
 
 #: Guards against a hang; nothing waits for a fixed time.
 DEADLINE = 10
 
 
-class Client:
-    """A subscriber as NativeVectors sees it: something with a client id."""
+class Stranger:
+    """A subscriber the native hot loop did not make: it has no output there."""
 
-    def __init__(self, client_id: int) -> None:
-        self.client_id = client_id
+    id = 1
+
+    def add_pending(self, index: IrqIndex, vector: int, count: int) -> None:
+        """Never called: the thread credits its own sessions."""
+
+    def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
+        """Never called here."""
 
 
 def test_a_vector_the_thread_dropped_stays_known_as_failed() -> None:
-    native = NativeVectors()
+    native = NativeHotLoop()
     r, w = os.pipe()  # not an eventfd: the thread drops it on its hang-up
     try:
         token = make_token(IrqIndex.MSIX, 3)
@@ -42,8 +48,8 @@ def test_a_vector_the_thread_dropped_stays_known_as_failed() -> None:
         # The table goes on treating it as a vector that never fires ...
         assert native.drain_fd(r) == 0
         assert native.total(r) == 0
-        native.joined(token, Client(12345))
-        native.left(token, Client(12345))
+        native.joined(token, Stranger())
+        native.left(token, Stranger())
         # ... until it lets go of it, once.
         assert native.remove(r) == 0
         with pytest.raises(KeyError):
@@ -56,7 +62,7 @@ def test_a_vector_the_thread_dropped_stays_known_as_failed() -> None:
 
 
 def test_after_close_the_figures_stay_and_nothing_raises() -> None:
-    native = NativeVectors()
+    native = NativeHotLoop()
     native.start()
     assert native.responds(DEADLINE)
     rounds = native.rounds
@@ -72,14 +78,14 @@ def test_after_close_the_figures_stay_and_nothing_raises() -> None:
     native.stop()
 
 
-def test_a_subscriber_without_a_client_id_is_refused() -> None:
-    native = NativeVectors()
+def test_a_subscriber_the_native_loop_did_not_make_is_refused() -> None:
+    native = NativeHotLoop()
     efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
         token = make_token(IrqIndex.MSIX, 0)
         native.add(efd, token)
         with pytest.raises(TypeError, match="no output in the native hot loop"):
-            native.joined(token, object())
+            native.joined(token, Stranger())
     finally:
         native.close()
         os.close(efd)

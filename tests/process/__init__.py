@@ -1,1 +1,1 @@
-"""The daemon as a systemd service (issue 5): notify, activation, fd store, uevents, config."""
+"""The daemon as a systemd service: notify, activation, fd store, uevents, config."""

@@ -84,11 +84,11 @@ async def restart_with_clients(
     manager: FakeManager, sock: Path, tmp_path: Path, procs: list[trio.Process], hot_loop: str
 ) -> None:
     env = child_env(manager)
-    logs = (tmp_path / "old.log").open("wb")
     with trio.fail_after(DEADLINE):
-        old = await trio.lowlevel.open_process(
-            [sys.executable, *daemon_argv(sock, hot_loop)], env=env, stdout=logs
-        )
+        with (tmp_path / "old.log").open("wb") as logs:  # the child has its own copy
+            old = await trio.lowlevel.open_process(
+                [sys.executable, *daemon_argv(sock, hot_loop)], env=env, stdout=logs
+            )
         procs.append(old)
         await manager.wait_for("READY", "1")
         async with (
@@ -103,11 +103,21 @@ async def restart_with_clients(
             for fd in hw.values():
                 os.eventfd_write(fd, 5)
             # Another process fires all the while, until the new daemon is ready.
-            fire = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "irqd", "sim", "fire", "--socket", str(sock), *FIRE_ARGS],
-                env=env,
-                stdout=(tmp_path / "fire.out").open("wb"),
-            )
+            with (tmp_path / "fire.out").open("wb") as out:
+                fire = await trio.lowlevel.open_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "irqd",
+                        "sim",
+                        "fire",
+                        "--socket",
+                        str(sock),
+                        *FIRE_ARGS,
+                    ],
+                    env=env,
+                    stdout=out,
+                )
             procs.append(fire)
             got_a: dict[int, int] = {}
             got_b: dict[int, int] = {}
@@ -128,13 +138,14 @@ async def restart_with_clients(
                 os.eventfd_write(fd, 7)
             fds = [fd for _, fd in stored]
             mark = len(manager.messages)
-            new = await trio.lowlevel.open_process(
-                [sys.executable, "-c", LAUNCHER, *daemon_argv(sock, hot_loop)],
-                env=env
-                | {"HANDOVER_FDS": ",".join(map(str, fds)), "LISTEN_FDNAMES": ":".join(names)},
-                pass_fds=fds,
-                stdout=(tmp_path / "new.log").open("wb"),
-            )
+            with (tmp_path / "new.log").open("wb") as out:
+                new = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", LAUNCHER, *daemon_argv(sock, hot_loop)],
+                    env=env
+                    | {"HANDOVER_FDS": ",".join(map(str, fds)), "LISTEN_FDNAMES": ":".join(names)},
+                    pass_fds=fds,
+                    stdout=out,
+                )
             procs.append(new)
             for fd in fds:
                 os.close(fd)
@@ -160,4 +171,3 @@ async def restart_with_clients(
             assert (await b.unsubscribe("msix", [3]))["vectors"] == [3]
         new.send_signal(signal.SIGTERM)
         assert await new.wait() == 0
-    logs.close()

@@ -17,7 +17,8 @@ from irqd.config import ServerConfig, SimConfig
 from irqd.device.base import IrqIndex
 from irqd.device.sim import SimDevice
 from irqd.errors import ConfigError
-from irqd.hotpath.native import NativeVectors
+from irqd.hotpath.native import NativeHotLoop
+from irqd.hotpath.python import PollLoop
 from irqd.logsetup import current_level, set_log_level
 from irqd.process.activation import InheritedFds, check_listener, inherited_fds
 from irqd.process.sdnotify import Notifier, watchdog_interval
@@ -34,9 +35,28 @@ pytestmark = pytest.mark.usefixtures("hot_loop")
 WATCHDOG_S = 2.0
 
 
+class Manager(FakeManager):
+    """The fake service manager, which also closes the daemons' notifiers it made."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._notifiers: list[Notifier] = []
+
+    def notifier(self) -> Notifier:
+        """A daemon's sd_notify client for this manager; closed with it."""
+        notifier = Notifier(str(self.path))
+        self._notifiers.append(notifier)
+        return notifier
+
+    def close(self) -> None:
+        for notifier in self._notifiers:
+            notifier.close()
+        super().close()
+
+
 @pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[FakeManager]:
-    manager = FakeManager(tmp_path / "notify")
+async def manager(tmp_path: Path) -> AsyncIterator[Manager]:
+    manager = Manager(tmp_path / "notify")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(manager.run)
         yield manager
@@ -44,11 +64,11 @@ async def manager(tmp_path: Path) -> AsyncIterator[FakeManager]:
     manager.close()
 
 
-async def start(nursery: trio.Nursery, manager: FakeManager, config: ServerConfig) -> Daemon:
+async def start(nursery: trio.Nursery, manager: Manager, config: ServerConfig) -> Daemon:
     daemon: Daemon = await nursery.start(
         lambda task_status: serve(
             config,
-            notifier=Notifier(str(manager.path)),
+            notifier=manager.notifier(),
             inherited=InheritedFds(),
             task_status=task_status,
         )
@@ -60,13 +80,13 @@ def sim_config(tmp_path: Path, **kw: object) -> ServerConfig:
     return ServerConfig(socket_path=tmp_path / "irqd.sock", sim=SimConfig(msix_vectors=8), **kw)  # type: ignore[arg-type]
 
 
-def watchdog_pings(manager: FakeManager) -> int:
+def watchdog_pings(manager: Manager) -> int:
     return sum(m.get("WATCHDOG") == "1" for m in manager.messages)
 
 
 async def test_ready_after_listening_and_status_follows_changes(
     tmp_path: Path,
-    manager: FakeManager,
+    manager: Manager,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -83,7 +103,7 @@ async def test_ready_after_listening_and_status_follows_changes(
 
 async def test_the_watchdog_is_fed_while_the_dispatch_loop_goes_round(
     tmp_path: Path,
-    manager: FakeManager,
+    manager: Manager,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
@@ -98,7 +118,7 @@ async def test_the_watchdog_is_fed_while_the_dispatch_loop_goes_round(
 
 async def test_a_stuck_dispatch_loop_trips_the_watchdog(
     tmp_path: Path,
-    manager: FakeManager,
+    manager: Manager,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
@@ -106,11 +126,12 @@ async def test_a_stuck_dispatch_loop_trips_the_watchdog(
     monkeypatch.setenv("WATCHDOG_USEC", str(int(WATCHDOG_S * 1e6)))
     stuck = trio.Event()
 
-    async def hung(self: Daemon) -> None:
+    async def hung(self: PollLoop) -> None:
         # As if blocked for good somewhere in the loop: the rest of the daemon runs on.
         await stuck.wait()
 
-    monkeypatch.setattr(Daemon, "_dispatch_loop", hung)
+    # The daemon's own loop (and the Python hot loop, which is one too).
+    monkeypatch.setattr(PollLoop, "run", hung)
     with structlog.testing.capture_logs() as logs:
         daemon = await start(nursery, manager, sim_config(tmp_path))
         async with open_client(str(daemon.config.socket_path), client_name="c") as client:
@@ -123,17 +144,17 @@ async def test_a_stuck_dispatch_loop_trips_the_watchdog(
 
 async def test_a_stuck_hot_thread_trips_the_watchdog(
     tmp_path: Path,
-    manager: FakeManager,
+    manager: Manager,
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", str(int(WATCHDOG_S * 1e6)))
     # As if the thread never came back from a round: the Trio loop goes on.
-    monkeypatch.setattr(NativeVectors, "responds", lambda self, timeout: False)
+    monkeypatch.setattr(NativeHotLoop, "responds", lambda self, timeout: False)
     with structlog.testing.capture_logs() as logs:
         daemon = await start(nursery, manager, sim_config(tmp_path))
-        if daemon.native is None:
+        if not isinstance(daemon.hot, NativeHotLoop):
             pytest.skip("the Trio hot loop has no thread of its own")
         await trio.sleep(WATCHDOG_S * 5)
     assert daemon.rounds >= 4  # the Trio dispatch loop was fine
@@ -175,7 +196,7 @@ async def test_notifier_reaches_an_abstract_socket_and_passes_fds() -> None:
 
 
 async def test_sighup_reloads_the_level_and_says_what_it_refused(
-    tmp_path: Path, manager: FakeManager, nursery: trio.Nursery
+    tmp_path: Path, manager: Manager, nursery: trio.Nursery
 ) -> None:
     path = tmp_path / "irqd.toml"
     path.write_text('[log]\nlevel = "info"\n')
@@ -183,8 +204,7 @@ async def test_sighup_reloads_the_level_and_says_what_it_refused(
     path.write_text('[log]\nlevel = "debug"\n[msix]\nstrategy = "grow"\n')
     with structlog.testing.capture_logs() as logs, trio.fail_after(10):
         os.kill(os.getpid(), signal.SIGHUP)
-        while daemon.config.log_level != "debug":
-            await trio.sleep(0.001)
+        await daemon.wait_reloads(1)
     (reloaded,) = [e for e in logs if e["event"] == "config.reloaded"]
     assert reloaded["changed"] == ["log.level=debug"]
     assert reloaded["refused"] == ["msix.strategy"]
@@ -199,7 +219,7 @@ async def test_sighup_reloads_the_level_and_says_what_it_refused(
 
 
 async def test_sigterm_tells_clients_disables_everything_and_ends_in_bounded_time(
-    tmp_path: Path, manager: FakeManager, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, manager: Manager, autojump_clock: trio.testing.MockClock
 ) -> None:
     sim = SimDevice(msix_vectors=8)
     config = sim_config(tmp_path)
@@ -212,7 +232,7 @@ async def test_sigterm_tells_clients_disables_everything_and_ends_in_bounded_tim
                 await serve(
                     config,
                     device=sim,
-                    notifier=Notifier(str(manager.path)),
+                    notifier=manager.notifier(),
                     inherited=InheritedFds(),
                     task_status=task_status,
                 )

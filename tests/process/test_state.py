@@ -15,11 +15,20 @@ import trio
 from irqd.device.base import IrqIndex
 from irqd.device.sim import SimDevice
 from irqd.eventfd import EventFd
-from irqd.hotpath.dispatcher import Dispatcher
-from irqd.hotpath.native import NativeVectors
+from irqd.hotpath.native import NativeHotLoop
 from irqd.hotpath.native_session import NativeSession
+from irqd.hotpath.python import PythonHotLoop
+from irqd.hotpath.python_session import PythonSession
 from irqd.hotpath.session import PeerCredentials, Session
-from irqd.process.fdstore import HandoverError, read_state, write_state
+from irqd.process.fdstore import (
+    Carried,
+    HandoverError,
+    adopt_device,
+    device_fds,
+    export_device,
+    read_state,
+    write_state,
+)
 from irqd.server.vectors import VectorTable
 from irqd.stats import LatencyHistogram
 
@@ -41,18 +50,23 @@ class Sub:
 
 
 def pump(table: VectorTable) -> None:
-    assert isinstance(table.dispatcher, Dispatcher)
-    for token, count in table.dispatcher.drain().counts:
+    assert isinstance(table.poller, PythonHotLoop)
+    for token, count in table.poller.dispatcher.drain().counts:
         table.deliver(token, count)
+
+
+def close_poller(table: VectorTable) -> None:
+    assert isinstance(table.poller, PythonHotLoop)
+    table.poller.close()
 
 
 @pytest.fixture
 def old() -> Iterator[tuple[SimDevice, VectorTable]]:
     sim = SimDevice(msix_vectors=16, noresize=True)
-    table = VectorTable(sim, Dispatcher())
+    table = VectorTable(sim, PythonHotLoop())
     yield sim, table
     table.close()
-    table.dispatcher.close()
+    close_poller(table)
     sim.close()
 
 
@@ -74,7 +88,7 @@ def test_table_and_sim_carry_over_without_a_single_set_irqs(
 
     new_sim = SimDevice(msix_vectors=16, noresize=True)
     new_sim.import_state(sim_state, {v: efd.fileno() for (_, v), efd in carried.items()})
-    new = VectorTable(new_sim, Dispatcher())
+    new = VectorTable(new_sim, PythonHotLoop())
     a2, b2 = Sub(1), Sub(2)
     subs: dict[int, Sub] = {1: a2, 2: b2}
     assert new.import_state(table_state, carried, subs.get) == []
@@ -89,8 +103,30 @@ def test_table_and_sim_carry_over_without_a_single_set_irqs(
     vector3 = new.lookup(MSIX, 3)
     assert vector3 is not None and vector3.total == 4
     new.close()
-    new.dispatcher.close()
+    close_poller(new)
     new_sim.close()
+
+
+def test_the_sim_is_handed_over_through_the_device_interface(
+    old: tuple[SimDevice, VectorTable],
+) -> None:
+    sim, table = old
+    table.subscribe(Sub(1), MSIX, [2])
+    assert device_fds(sim) == {}  # it lives in the process: nothing to store
+    described = export_device(sim)
+    assert described["kind"] == "sim" and described["name"] == sim.name
+    carried = Carried({"device": described})
+    carried.eventfds = {key: EventFd.adopt(os.dup(fd)) for key, fd in table.eventfds().items()}
+    table.detach()
+    with pytest.raises(HandoverError, match="simulated device, not a real one"):
+        adopt_device(carried, lambda: pytest.fail("must not open"), "0000:03:00.0")
+    new_sim = adopt_device(carried, lambda: SimDevice(msix_vectors=16, noresize=True), None)
+    assert isinstance(new_sim, SimDevice) and new_sim.calls == []
+    assert new_sim.active_index() is MSIX and new_sim.assigned_fd(MSIX, 2) is not None
+    new_sim.raise_irq(MSIX, 2, 3)  # the new "hardware" signals the carried eventfd
+    assert carried.eventfds[(MSIX, 2)].read() == 3
+    new_sim.close()
+    carried.close()
 
 
 def sim_state_host(state: dict[str, object]) -> dict[str, int]:
@@ -108,14 +144,14 @@ def test_a_vector_whose_eventfd_did_not_arrive_gets_a_fresh_one(
     state = table.export_state(lambda s: getattr(s, "id", -1))
     carried = {(MSIX, 1): EventFd.adopt(os.dup(table.eventfds()[(MSIX, 1)]))}
     table.detach()
-    new = VectorTable(sim, Dispatcher())  # the same device: it still has both assigned
+    new = VectorTable(sim, PythonHotLoop())  # the same device: it still has both assigned
     a2 = Sub(1)
     assert new.import_state(state, carried, {1: a2}.get) == [(MSIX, 2)]
     sim.raise_irq(MSIX, 2, 3)
     pump(new)
     assert a2.counts == {2: 3}
     new.close()
-    new.dispatcher.close()
+    close_poller(new)
 
 
 def test_a_vector_nobody_came_back_for_is_released(old: tuple[SimDevice, VectorTable]) -> None:
@@ -124,18 +160,18 @@ def test_a_vector_nobody_came_back_for_is_released(old: tuple[SimDevice, VectorT
     state = table.export_state(lambda s: getattr(s, "id", -1))
     carried = {k: EventFd.adopt(os.dup(fd)) for k, fd in table.eventfds().items()}
     table.detach()
-    new = VectorTable(sim, Dispatcher())
+    new = VectorTable(sim, PythonHotLoop())
     nobody: dict[int, Sub] = {}
     new.import_state(state, carried, nobody.get)
     assert new.enabled(MSIX) == [] and sim.assigned_fd(MSIX, 4) is None
     new.close()
-    new.dispatcher.close()
+    close_poller(new)
 
 
 async def test_a_session_carries_its_unsent_counts_and_identity() -> None:
     here, there = socket.socketpair()
     latency = LatencyHistogram()
-    session = Session(trio.socket.from_stdlib_socket(here), 4, _peer(), latency)
+    session = PythonSession(trio.socket.from_stdlib_socket(here), 4, _peer(), latency)
     session.name, session.greeted, session.requests = "collector", True, 9
     session.add_pending(MSIX, 3, 10)
     session.add_pending(MSIX, 1, 2)
@@ -143,7 +179,7 @@ async def test_a_session_carries_its_unsent_counts_and_identity() -> None:
     state = msgpack.unpackb(msgpack.packb(session.export_state()), strict_map_key=False)
     adopted_sock = trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(here.fileno())))
     session.sock.close()
-    new = Session.from_state(adopted_sock, state, latency)
+    new = PythonSession.from_state(adopted_sock, state, latency)
     assert (new.id, new.name, new.greeted, new.requests) == (4, "collector", True, 9)
     assert new.pending_total() == 12
     await new.flush()
@@ -171,10 +207,10 @@ async def test_a_restored_session_writes_resized_before_the_counts(kind: str) ->
     }
     here, there = socket.socketpair()
     sock = trio.socket.from_stdlib_socket(here)
-    native = NativeVectors() if kind == "native" else None
+    native = NativeHotLoop() if kind == "native" else None
     session: Session
     if native is None:
-        session = Session(sock, 1, _peer(), LatencyHistogram())
+        session = PythonSession(sock, 1, _peer(), LatencyHistogram())
     else:
         session = NativeSession(sock, 1, _peer(), LatencyHistogram(), native.hot)
     try:

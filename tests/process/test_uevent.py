@@ -168,7 +168,7 @@ async def test_a_real_kernel_uevent_through_pyroute2() -> None:
     with open_uevent_source() as source:
         try:
             # Asks the kernel to send a `change` uevent for /dev/null (root only).
-            trigger.write_text("change")
+            await trio.Path(trigger).write_text("change")
         except OSError as exc:
             pytest.skip(f"cannot trigger a uevent here: {exc}")
         with trio.fail_after(5):

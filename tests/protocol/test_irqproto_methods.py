@@ -59,6 +59,7 @@ def test_every_method_and_index_is_listed() -> None:
     assert set(METHODS) == {
         "hello", "device.info", "subscribe", "unsubscribe", "trigger",
         "unmask", "claim", "unclaim", "stats", "sim.eventfds",
+        "device.regions", "device.open", "device.reset", "dma.alloc", "dma.free",
     }  # fmt: skip
     assert INDEX_NAMES == ("intx", "msi", "msix", "err", "req")
 

@@ -138,7 +138,7 @@ async def test_timeout_uses_trio_time_and_raises_timeout_error(
         with pytest.raises(TimeoutError):
             await client.stats()
         assert trio.current_time() - before == pytest.approx(30)
-        assert await client.device_info() == {}
+        assert dict(await client.device_info()) == {}
         with pytest.raises(TimeoutError):
             await client.next_notification(timeout=1)
 

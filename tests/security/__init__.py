@@ -1,1 +1,1 @@
-"""Access control, claim, limits, malformed input, fuzzing and soak (issue #6)."""
+"""Access control, claim, limits, malformed input, fuzzing and soak."""

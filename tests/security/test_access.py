@@ -184,8 +184,7 @@ async def test_the_policy_decides_per_action_and_per_vector(
     # A refused subscribe changed nothing (all or nothing): vector 0 was the
     # child's alone and went away with it, vector 1 was never enabled.
     with trio.fail_after(5):
-        while daemon.sessions:
-            await trio.sleep(0.01)
+        await daemon.wait_sessions(0)
     assert daemon.table.enabled(IrqIndex.MSIX) == []
     as_root = await trio.to_thread.run_sync(
         lambda: attempt(path, ("device.info", []), ("subscribe", ["msix", [1]]))

@@ -264,6 +264,8 @@ def low_fd_daemon(tmp_path: Path, hot_loop: HotLoop) -> Iterator[tuple[subproces
     finally:
         proc.terminate()
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_accept_out_of_fds_backs_off_and_recovers(

@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 
 
+@pytest.mark.soak
+@pytest.mark.timeout(300)  # the soak's own bound is 120 s, its process's 180 s
 def test_short_soak_counts_exact_fds_and_memory_flat() -> None:
     result = subprocess.run(
         [sys.executable, str(SOAK), "--clients", "8", "--warmup", "100", "--cycles", "300",

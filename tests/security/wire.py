@@ -82,8 +82,7 @@ class RawPeer:
 async def wait_until_sessions(daemon: Daemon, count: int) -> None:
     """Until the daemon serves exactly ``count`` clients (a departure is asynchronous)."""
     with trio.fail_after(10):
-        while len(daemon.sessions) != count:
-            await trio.sleep(0.001)
+        await daemon.wait_sessions(count)
 
 
 def open_fds() -> set[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 
@@ -12,13 +13,19 @@ from irqd.device.sim import SimDevice
 from irqd.errors import IrqdError
 from irqd.eventfd import is_eventfd
 from irqd.hotpath.dispatcher import Dispatcher
+from irqd.hotpath.python import PythonHotLoop
 from irqd.server.vectors import VectorTable
 
 MSIX = IrqIndex.MSIX
 
 
+#: Subscriber ids, as sessions have.
+_IDS = itertools.count(1)
+
+
 class Recorder:
     def __init__(self) -> None:
+        self.id = next(_IDS)
         self.counts: dict[int, int] = {}
         self.resized: list[list[int]] = []
 
@@ -32,13 +39,13 @@ class Recorder:
 @pytest.fixture
 def rig() -> Iterator[tuple[SimDevice, VectorTable, Dispatcher]]:
     sim = SimDevice(msix_vectors=8)
-    dispatcher = Dispatcher()
-    table = VectorTable(sim, dispatcher)
+    hot = PythonHotLoop()
+    table = VectorTable(sim, hot)
     try:
-        yield sim, table, dispatcher
+        yield sim, table, hot.dispatcher
     finally:
         table.close()
-        dispatcher.close()
+        hot.close()
         sim.close()
 
 
@@ -149,8 +156,8 @@ def test_unclaim_and_drop_release_the_vector_and_leave_its_count_to_the_claimer(
 
 def test_a_claimed_vector_survives_a_grow_and_its_claimer_is_told() -> None:
     sim = SimDevice(msix_vectors=8, noresize=True)
-    dispatcher = Dispatcher()
-    table = VectorTable(sim, dispatcher, msix_prearm=2)
+    hot = PythonHotLoop()
+    table = VectorTable(sim, hot, msix_prearm=2)
     owner, other = Recorder(), Recorder()
     try:
         fd = table.claim(owner, MSIX, 1)
@@ -165,7 +172,7 @@ def test_a_claimed_vector_survives_a_grow_and_its_claimer_is_told() -> None:
             os.close(fd)
     finally:
         table.close()
-        dispatcher.close()
+        hot.close()
         sim.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +48,14 @@ def allowed(policy: AccessPolicy, action: Action, peer: Peer, **where: Any) -> b
 
 def test_default_lets_root_and_the_socket_group_in_and_nobody_else() -> None:
     policy = AccessPolicy()
+    device_owner = {Action.DRIVE, Action.DMA}  # root and the daemon's uid only
     for peer in (ROOT, MEMBER, PRIMARY):
-        for action in Action:
+        for action in set(Action) - device_owner:
             assert allowed(policy, action, peer, index="msix", vector=3), (peer, action)
+    for action in device_owner:
+        assert allowed(policy, action, ROOT)
+        assert allowed(policy, action, Peer(uid=os.geteuid(), gid=65534))
+        assert not allowed(policy, action, MEMBER if os.geteuid() != MEMBER.uid else PRIMARY)
     assert not allowed(policy, Action.CONNECT, STRANGER)
     reason = policy.denial(Action.CONNECT, STRANGER, socket_gid=SOCKET_GID)
     assert reason is not None

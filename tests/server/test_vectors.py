@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 
@@ -17,6 +18,7 @@ from irqd.device.base import (
 from irqd.device.sim import SimDevice
 from irqd.errors import ConfigError, IrqdError
 from irqd.hotpath.dispatcher import Dispatcher
+from irqd.hotpath.python import PythonHotLoop
 from irqd.server.vectors import VectorTable
 
 MSIX = IrqIndex.MSIX
@@ -24,10 +26,15 @@ ASSIGN = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER
 NONE_TRIGGER = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER
 
 
+#: Subscriber ids, as sessions have.
+_IDS = itertools.count(1)
+
+
 class Recorder:
     """A subscriber that records what the table credits it with."""
 
     def __init__(self, name: str) -> None:
+        self.id = next(_IDS)
         self.name = name
         self.counts: dict[tuple[IrqIndex, int], int] = {}
         self.resized: list[tuple[IrqIndex, list[int], bool]] = []
@@ -75,13 +82,13 @@ def make_rig(
     host_vector_limit: int | None = None,
 ) -> Iterator[Rig]:
     sim = SimDevice(msix_vectors=vectors, noresize=noresize, host_vector_limit=host_vector_limit)
-    dispatcher = Dispatcher()
-    table = VectorTable(sim, dispatcher, msix_strategy=strategy, msix_prearm=prearm)
+    hot = PythonHotLoop()
+    table = VectorTable(sim, hot, msix_strategy=strategy, msix_prearm=prearm)
     try:
-        yield Rig(sim, table, dispatcher)
+        yield Rig(sim, table, hot.dispatcher)
     finally:
         table.close()
-        dispatcher.close()
+        hot.close()
         sim.close()
 
 
@@ -319,10 +326,11 @@ def test_close_disables_the_device(dynamic: Rig) -> None:
 
 def test_a_device_without_pcie_has_no_err_index() -> None:
     sim = SimDevice(msix_vectors=4, pcie=False)
-    with Dispatcher() as dispatcher:
-        table = VectorTable(sim, dispatcher)
-        assert table.device_info()["err"]["count"] == 0
-        table.close()
+    hot = PythonHotLoop()
+    table = VectorTable(sim, hot)
+    assert table.device_info()["err"]["count"] == 0
+    table.close()
+    hot.close()
     sim.close()
 
 

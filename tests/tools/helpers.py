@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import pytest
 
@@ -38,6 +40,61 @@ def env() -> dict[str, str]:
     out = dict(os.environ, PYTHONUNBUFFERED="1")
     out.pop("VFIO_IRQD_SOCKET", None)
     return out
+
+
+class Lines:
+    """The lines of a child's stream, readable with a deadline (a reader thread feeds them).
+
+    ``close`` waits for the end of the stream and closes it: a pipe left to the
+    garbage collector is a ResourceWarning, which the suite treats as an error.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._stream = stream
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in self._stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def next(self, timeout: float = DEADLINE) -> str | None:
+        """The next line, ``None`` at end of stream; ``TimeoutError`` if none in time."""
+        try:
+            line = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no line within {timeout} s; so far: {self.seen}") from None
+        if line is not None:
+            self.seen.append(line)
+        return line
+
+    def rest(self, timeout: float = DEADLINE) -> list[str]:
+        """Every remaining line up to end of stream."""
+        out: list[str] = []
+        while (line := self.next(timeout)) is not None:
+            out.append(line)
+        return out
+
+    def close(self) -> None:
+        """Once the child has exited: wait for end of stream, then close the stream."""
+        self._thread.join(DEADLINE)
+        if not self._thread.is_alive():
+            self._stream.close()
+
+
+def reap(proc: subprocess.Popen[str], *readers: Lines) -> None:
+    """Kill ``proc`` if it still runs, wait for it, and close every pipe it had."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for reader in readers:
+        reader.close()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None and not stream.closed:
+            stream.close()
 
 
 def irqd_argv(*args: str) -> list[str]:

@@ -9,14 +9,12 @@ import io
 import json
 import logging
 import os
-import queue
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import structlog
@@ -28,52 +26,56 @@ from irqd.tools.firing import fire
 from irqd.tools.render import format_irq, format_ranges
 from irqproto.blocking import Client
 
-from .helpers import DEADLINE, cli, env, irqd_argv, poll_until, running_daemon, stop
+from .helpers import (
+    DEADLINE,
+    Lines,
+    cli,
+    env,
+    irqd_argv,
+    poll_until,
+    reap,
+    running_daemon,
+    stop,
+)
 
 # -- helpers -------------------------------------------------------------------------------
 
 
+#: Children started by ``spawn`` in the running test, with the line readers of
+#: their stdout; ``_reap_children`` ends them and closes their pipes.
+_children: list[tuple[subprocess.Popen[str], list[Lines]]] = []
+
+
 def spawn(*args: str) -> subprocess.Popen[str]:
     """Start ``python -m irqd ARGS`` with stdout and stderr piped."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         irqd_argv(*args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env(),
     )
+    _children.append((proc, []))
+    return proc
 
 
-class Lines:
-    """The lines of a child's stream, readable with a deadline (a reader thread feeds them)."""
+def read_lines(proc: subprocess.Popen[str]) -> Lines:
+    """A reader of ``proc``'s stdout, closed with it after the test."""
+    assert proc.stdout is not None
+    lines = Lines(proc.stdout)
+    for child, readers in _children:
+        if child is proc:
+            readers.append(lines)
+    return lines
 
-    def __init__(self, stream: IO[str]) -> None:
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
 
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def next(self, timeout: float = DEADLINE) -> str | None:
-        """The next line, ``None`` at end of stream; ``TimeoutError`` if none in time."""
-        try:
-            line = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no line within {timeout} s; so far: {self.seen}") from None
-        if line is not None:
-            self.seen.append(line)
-        return line
-
-    def rest(self, timeout: float = DEADLINE) -> list[str]:
-        """Every remaining line up to end of stream."""
-        out: list[str] = []
-        while (line := self.next(timeout)) is not None:
-            out.append(line)
-        return out
+@pytest.fixture(autouse=True)
+def _reap_children() -> Iterator[None]:
+    """After each test: every child stopped, every reader at end of stream, every pipe closed."""
+    yield
+    while _children:
+        proc, readers = _children.pop()
+        reap(proc, *readers)
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def start_watch(sock: Path, *args: str) -> tuple[subprocess.Popen[str], Lines]:
     """``watch --json ARGS``, returned once its ``subscribed`` line has arrived."""
     proc = spawn("watch", "--socket", str(sock), "--json", *args)
     assert proc.stdout is not None
-    lines = Lines(proc.stdout)
+    lines = read_lines(proc)
     first = lines.next()
     assert first is not None, proc.communicate()[1] if proc.poll() is not None else "no output"
     assert json.loads(first)["event"] == "subscribed"
@@ -247,7 +249,7 @@ def test_watch_human_lines_and_shutdown(tmp_path: Path) -> None:
         wait_for_socket(sock, time.monotonic() + DEADLINE, alive=server)
         watch = spawn("watch", "--socket", str(sock), "msix", "4")
         assert watch.stdout is not None
-        lines = Lines(watch.stdout)
+        lines = read_lines(watch)
         assert (lines.next() or "").startswith("subscribed to msix 4")
         with Client(str(sock), client_name="test") as client:
             [fd] = client.sim_eventfds("msix", [4])

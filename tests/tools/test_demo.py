@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import IO
 
 import pytest
+
+from .helpers import Lines, reap
 
 #: Generous: the demo itself needs about a second beyond --duration.
 DEADLINE = 60.0
@@ -41,8 +40,8 @@ def _irq_lines(output: str) -> list[str]:
 
 @pytest.mark.slow
 def test_demo_with_duration_shows_interrupts_and_cleans_up() -> None:
-    proc = _demo("--duration", "1.5")
-    out, err = proc.communicate(timeout=DEADLINE)
+    with _demo("--duration", "1.5") as proc:
+        out, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
     assert "vfio-irqd status --socket" in out  # the banner tells what to try by hand
     assert "daemon.ready" in out
@@ -59,30 +58,17 @@ def test_demo_with_duration_shows_interrupts_and_cleans_up() -> None:
 def test_demo_stops_cleanly_on_signal(sig: signal.Signals) -> None:
     proc = _demo()
     assert proc.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump(stream: IO[str]) -> None:
-        for line in stream:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, args=(proc.stdout,), daemon=True).start()
-    seen: list[str] = []
+    lines = Lines(proc.stdout)
     try:
         # Wait (bounded) for the first interrupt to reach the watcher, then signal.
-        while not _irq_lines("".join(seen)):
-            line = lines.get(timeout=DEADLINE)
-            assert line is not None, "".join(seen)
-            seen.append(line)
+        while not _irq_lines("\n".join(lines.seen)):
+            assert lines.next() is not None, "\n".join(lines.seen)
         proc.send_signal(sig)
         assert proc.wait(DEADLINE) == 0
+        lines.rest()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    while (line := lines.get(timeout=DEADLINE)) is not None:
-        seen.append(line)
-    out = "".join(seen)
+        reap(proc, lines)
+    out = "\n".join(lines.seen)
     assert "demo    | stopping" in out
     assert "watch   | shutdown:" in out
     assert not _workdir(out).exists()

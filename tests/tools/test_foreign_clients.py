@@ -10,16 +10,13 @@ them; Node cannot receive fds, so ``vfio-irqd sim fire`` fires for it.
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
-from .helpers import DEADLINE, ROOT, cli, env, require_tools, running_daemon
+from .helpers import DEADLINE, ROOT, Lines, cli, env, reap, require_tools, running_daemon
 
 C_SOURCES = ROOT / "clients" / "c"
 JS_DIR = ROOT / "clients" / "js"
@@ -77,19 +74,13 @@ class Client:
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
         )
         assert self.proc.stdout is not None
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line)
-        self._lines.put(None)
+        self._lines = Lines(self.proc.stdout)
 
     def record(self) -> dict[str, object]:
         """The next JSON line, waiting up to the deadline."""
         try:
-            line = self._lines.get(timeout=DEADLINE)
-        except queue.Empty:
+            line = self._lines.next(DEADLINE)
+        except TimeoutError:
             raise AssertionError("no output in time") from None
         if line is None:
             self.proc.wait(DEADLINE)
@@ -112,10 +103,8 @@ class Client:
         return done
 
     def kill(self) -> None:
-        """Make sure it is gone (after a failed assertion)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """Make sure it is gone and its pipes are closed (every test ends with this)."""
+        reap(self.proc, self._lines)
 
 
 def sim_fire(sock: Path, count: int, *vectors: int) -> None:

@@ -15,8 +15,12 @@ from __future__ import annotations
 import abc
 import enum
 import errno
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .iommu import IommuInfo
+from .regions import RegionInfo
 
 # include/uapi/linux/vfio.h (6.1): struct vfio_irq_info.flags
 VFIO_IRQ_INFO_EVENTFD = 1 << 0
@@ -97,6 +101,49 @@ class IrqInfo:
 SetIrqsData = Sequence[int] | Sequence[bool] | None
 
 
+class Unsupported(Exception):
+    """This backend does not offer the operation; it refuses it explicitly.
+
+    E.g. reading back an assigned eventfd (``sim.eventfds``) on a real device,
+    whose kernel does not give assigned eventfds back.
+    """
+
+
+class AdoptError(ValueError):
+    """What a previous daemon process stored cannot be taken as this device.
+
+    A ``ValueError`` (not a ``ConfigError``): the daemon logs it and opens the
+    device afresh instead of refusing to start.
+    """
+
+
+@dataclass
+class StoredDevice:
+    """What a previous daemon process left of its device (irqd.process.fdstore)."""
+
+    #: The PCI address configured for this process; ``None`` for the simulation.
+    configured: str | None
+    #: What ``Device.export_state`` returned in the previous process.
+    state: Mapping[str, Any] | None
+    #: The fds ``Device.handover_fds`` returned, by key; the adopter owns them.
+    fds: dict[str, int] = field(default_factory=dict)
+    #: The vector table's carried eventfds by (index, vector); borrowed, not owned.
+    eventfds: Mapping[tuple[IrqIndex, int], int] = field(default_factory=dict)
+
+
+class ResetUnsupportedError(OSError):
+    """The device does not report ``VFIO_DEVICE_FLAGS_RESET``: it has no reset the
+    kernel can use (the kernel's own answer, ``vfio_pci_ioctl_reset``, is EINVAL).
+    Its errno is ``ENODEV``, which the protocol passes on as is."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            errno.ENODEV,
+            f"{name} cannot be reset: it does not report VFIO_DEVICE_FLAGS_RESET "
+            "(no function-level, PM or bus reset the kernel can use)",
+        )
+
+
 class Device(abc.ABC):
     """One VFIO PCI device's interrupt interface.
 
@@ -107,6 +154,9 @@ class Device(abc.ABC):
 
     #: A short human name, e.g. the PCI address or ``sim``.
     name: str
+
+    #: The backend's name: in ``device.info`` and as ``kind`` in a hand-over's state.
+    backend: ClassVar[str]
 
     @abc.abstractmethod
     def irq_info(self, index: IrqIndex) -> IrqInfo:
@@ -126,6 +176,72 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the device; the kernel disables the active index and drops ERR/REQ."""
+
+    # -- restart without disarming (irqd.process.fdstore) ---------------------------
+
+    @abc.abstractmethod
+    def handover_fds(self) -> dict[str, int]:
+        """The fds that keep the device open, by key, for systemd's fd store.
+
+        Empty for a device that lives inside the process. They stay this
+        object's (the store gets duplicates). ``Unsupported`` if this backend
+        cannot be handed over to a new process.
+        """
+
+    @abc.abstractmethod
+    def export_state(self) -> dict[str, Any]:
+        """What the next process needs besides the fds, as msgpack-able data."""
+
+    @classmethod
+    @abc.abstractmethod
+    def adopt_stored(cls, stored: StoredDevice, fresh: Callable[[], Device]) -> Device:
+        """The device a previous process left, as it left it: no ``SET_IRQS`` call.
+
+        ``fresh`` opens the configured device, for a backend that needs a new
+        object to take the stored state over. Owns ``stored.fds`` from the
+        call on (closes them on failure). ``AdoptError`` if they cannot be used.
+        """
+
+    # -- simulation capabilities ---------------------------------------------------
+
+    @abc.abstractmethod
+    def assigned_fd(self, index: IrqIndex, vector: int) -> int | None:
+        """The eventfd the device signals for this vector (``sim.eventfds``); ``None`` if none.
+
+        The number is the device's own: dup it before handing it out.
+        ``Unsupported`` on a backend that cannot give it back.
+        """
+
+    # -- device access and DMA memory (irqd.server.broker) -------------------------
+
+    @abc.abstractmethod
+    def regions(self) -> list[RegionInfo]:
+        """``VFIO_DEVICE_GET_REGION_INFO`` for every region the device has (size > 0)."""
+
+    @abc.abstractmethod
+    def device_fd(self) -> int:
+        """The device fd whose regions ``regions`` describes; borrowed: dup it to hand it out."""
+
+    @property
+    @abc.abstractmethod
+    def resettable(self) -> bool:
+        """``VFIO_DEVICE_FLAGS_RESET``: the device has a function reset the kernel can use."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """``VFIO_DEVICE_RESET``; :class:`ResetUnsupportedError` unless ``resettable``."""
+
+    @abc.abstractmethod
+    def iommu_info(self) -> IommuInfo:
+        """``VFIO_IOMMU_GET_INFO`` of the device's container."""
+
+    @abc.abstractmethod
+    def dma_map(self, vaddr: int, iova: int, size: int) -> None:
+        """``VFIO_IOMMU_MAP_DMA``, readable and writable by the device; the kernel's errno."""
+
+    @abc.abstractmethod
+    def dma_unmap(self, iova: int, size: int) -> int:
+        """``VFIO_IOMMU_UNMAP_DMA``; returns the bytes unmapped."""
 
     # -- conveniences built on set_irqs -----------------------------------------
 

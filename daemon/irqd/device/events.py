@@ -2,16 +2,21 @@
 
 The daemon arms both itself at start-up, ERR only where the device has it
 (``count`` > 0: PCI Express), each with an eventfd of its own registered in the
-dispatcher's epoll set under ``make_token(REQ, 0)`` / ``make_token(ERR, 0)``,
-so they are drained by the same loop as every interrupt; the loop hands those
-tokens to ``DeviceEvents.deliver`` (tokens of index ERR and above never belong
-to MSI/MSI-X vectors, so one comparison tells them apart).
+daemon's own epoll set (not the hot loop's) under ``make_token(REQ, 0)`` /
+``make_token(ERR, 0)``; the daemon's loop over that set hands every count it
+reads to ``DeviceEvents.deliver``.
 
-REQ (vfio-notes.md): the kernel signals it when someone unbinds or removes the
-device, again every 10 s until the last reference to the device file is gone,
-and the unbinding task blocks until then. So on the first REQ the daemon stops
-taking work (the vector table is closed: vectors de-assigned, indexes disabled,
-eventfds closed; every later request gets ENODEV), de-assigns REQ/ERR, closes
+This module sees the rest of the daemon only through the narrow protocols
+below (``EventPoller``, ``EventTable``, ``Listener``): the device package does
+not import the server.
+
+REQ: the kernel signals it when someone unbinds or removes the device
+(``vfio_pci_core_request``, drivers/vfio/pci/vfio_pci_core.c), again every
+10 s until the last reference to the device file is gone, and the unbinding
+task blocks until then (``vfio_unregister_group_dev``, drivers/vfio/vfio_main.c).
+So on the first REQ the daemon stops taking work (the vector table is closed:
+vectors de-assigned, indexes disabled, eventfds closed; every later request
+gets ENODEV), de-assigns REQ/ERR, closes
 every fd it holds on the device, tells every client ``device_lost``
 ``{"reason": "request"}``, gives them a moment to read it and stops; the
 process exits 0. Later REQs change nothing.
@@ -27,43 +32,80 @@ the count read (docs/protocol.md, an extension). The daemon keeps running.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import structlog
 import trio
 
-from irqd.device.base import Device, IrqIndex
+from irqd.device.base import Device, IrqIndex, IrqInfo
 from irqd.eventfd import EventFd
-from irqd.hotpath.dispatcher import Dispatcher
-from irqd.hotpath.session import Session
-from irqd.server.vectors import VectorTable, make_token
-from irqproto.notifications import DeviceLostNotification, ErrNotification
+from irqd.tokens import make_token
+from irqproto.notifications import DeviceLostNotification, ErrNotification, TypedNotification
 
 log = structlog.get_logger("irqd.device.events")
 
 #: How long clients together get to read ``device_lost`` before the daemon stops.
 LOST_FLUSH_SECONDS = 1.0
 
+#: The tokens of the daemon's own REQ and ERR eventfds.
+REQ_TOKEN = make_token(IrqIndex.REQ, 0)
+ERR_TOKEN = make_token(IrqIndex.ERR, 0)
+
+
+class EventPoller(Protocol):
+    """The epoll set the daemon's own loop drains (irqd.hotpath.dispatcher.Dispatcher)."""
+
+    def add(self, fd: int, token: int) -> None:
+        """Poll ``fd`` under ``token``."""
+
+    def remove(self, fd: int) -> None:
+        """Stop polling ``fd``; before it is closed."""
+
+
+class EventTable(Protocol):
+    """What REQ needs of the vector table: the device's indexes, and closing it."""
+
+    @property
+    def info(self) -> Mapping[IrqIndex, IrqInfo]:
+        """What the device reports for each index."""
+
+    def close(self) -> None:
+        """De-assign and disable every vector; every later request gets ENODEV."""
+
+
+class Listener(Protocol):
+    """What REQ and ERR need of a client session: telling it, and writing that out."""
+
+    def post(self, notification: TypedNotification) -> None:
+        """Queue a control notification; never blocks."""
+
+    async def flush(self) -> None:
+        """Write whatever is pending now."""
+
 
 class DeviceEvents:
     """Arms REQ and ERR with the daemon's own eventfds and acts on their signals."""
 
-    #: The lowest token ``deliver`` cares about; MSI/MSI-X/INTx tokens are below.
-    FIRST_TOKEN = make_token(IrqIndex.ERR, 0)
-
     def __init__(
         self,
         device: Device,
-        table: VectorTable,
-        dispatcher: Dispatcher,
-        sessions: Callable[[], list[Session]],
+        table: EventTable,
+        poller: EventPoller,
+        sessions: Callable[[], Sequence[Listener]],
         *,
         adopted: dict[IrqIndex, EventFd] | None = None,
+        before_release: Callable[[], None] | None = None,
     ) -> None:
-        """Arm REQ and ERR; ``adopted`` (taken, emptied) are carried-over eventfds to use."""
+        """Arm REQ and ERR; ``adopted`` (taken, emptied) are carried-over eventfds to use.
+
+        ``before_release`` runs first when the device is given back: what else
+        holds the device (the DMA mappings clients were given) lets go of it.
+        """
         self.device = device
+        self._before_release = before_release
         self.table = table
-        self.dispatcher = dispatcher
+        self.poller = poller
         self.sessions = sessions
         #: Set by the first REQ (or ``device_gone``); the daemon stops once
         #: clients were told.
@@ -107,19 +149,19 @@ class DeviceEvents:
             # device then waits until the daemon is stopped.
             log.warning("device_events.not_armed", index=index.wire_name, error=exc.strerror)
             return
-        self.dispatcher.add(efd.fileno(), make_token(index, 0))
+        self.poller.add(efd.fileno(), make_token(index, 0))
         self._eventfds[index] = efd
 
     def deliver(self, token: int, count: int) -> None:
-        """A signal read by the dispatch loop; other tokens are ignored. Never blocks."""
-        if token == make_token(IrqIndex.REQ, 0):
+        """A signal read by the daemon's own loop; other tokens are ignored. Never blocks."""
+        if token == REQ_TOKEN:
             self.requests += count
             if not self.lost.is_set():
                 # Released from ``watch``, not here: this runs inside the
                 # dispatch loop, which must not be torn down under itself.
                 log.warning("device.release_requested", device=self.device.name)
                 self.lost.set()
-        elif token == make_token(IrqIndex.ERR, 0):
+        elif token == ERR_TOKEN:
             self.errors += count
             log.warning("device.error_reported", device=self.device.name, count=count)
             notification = ErrNotification(count)
@@ -133,7 +175,7 @@ class DeviceEvents:
             self.lost.set()
 
     def close(self, *, deassign: bool = True) -> None:
-        """De-assign REQ/ERR, then stop polling, then close (vfio-notes.md's order).
+        """De-assign REQ/ERR, then stop polling, then close (``VectorRecord.release``'s order).
 
         ``deassign=False`` after a hand-over: the next process owns the
         kernel's triggers now. Idempotent.
@@ -143,7 +185,7 @@ class DeviceEvents:
                 with contextlib.suppress(OSError):
                     self.device.assign_eventfds(index, 0, [-1])
             with contextlib.suppress(KeyError, ValueError):
-                self.dispatcher.remove(efd.fileno())
+                self.poller.remove(efd.fileno())
             efd.close()
         self._eventfds.clear()
 
@@ -153,6 +195,8 @@ class DeviceEvents:
         The unbinding task in the kernel waits for the last fd, so this comes
         before telling the clients.
         """
+        if self._before_release is not None:
+            self._before_release()
         self.table.close()
         self.close()
         with contextlib.suppress(OSError):
@@ -173,7 +217,7 @@ class DeviceEvents:
         scope.cancel()
 
 
-async def _flush_quietly(session: Session) -> None:
+async def _flush_quietly(session: Listener) -> None:
     # A client may be leaving at this very moment; that is its business.
     with contextlib.suppress(OSError, trio.ClosedResourceError):
         await session.flush()

@@ -1,33 +1,18 @@
 """``VfioDevice``: a real PCI device bound to vfio-pci, through raw VFIO ioctls.
 
-Opening follows the legacy group/container path that every kernel since 3.6
-has (include/uapi/linux/vfio.h, Documentation/driver-api/vfio.rst):
-
-1. ``/sys/bus/pci/devices/BDF/driver`` must be ``vfio-pci``;
-2. ``/sys/bus/pci/devices/BDF/iommu_group`` names the group N → ``/dev/vfio/N``;
-3. the group must be viable (every device in it bound to vfio-pci or to nothing);
-4. a container ``/dev/vfio/vfio`` is attached and given the type1v2 IOMMU
-   (``VFIO_SET_IOMMU``; EPERM there means no interrupt remapping);
-5. ``VFIO_GROUP_GET_DEVICE_FD`` with the PCI address gives the device fd.
-
-The cdev/iommufd interface (6.6+, ``/dev/vfio/devices/vfioN``) is not used:
-where a kernel offers only that, opening fails with a message saying so.
-
-Each usual mistake is its own ``VfioOpenError`` subclass whose message says
-what to do; the kernel's errno is kept on it (``.errno``) and as the cause.
+Getting hold of the device (opening it, or adopting a previous process's fds)
+is irqd.device.vfio_open; this is what the daemon does with it once held:
+interrupts, regions and config space, DMA mappings, the hand-over.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
-
-from irqd.errors import ConfigError
 
 from . import vfio_ioctl as io
 from .base import (
@@ -37,106 +22,49 @@ from .base import (
     Device,
     IrqIndex,
     IrqInfo,
+    ResetUnsupportedError,
     SetIrqsData,
+    StoredDevice,
+    Unsupported,
 )
+from .iommu import IommuInfo, parse_iommu_info
+from .regions import REGION_NAMES, RegionInfo, parse_sparse_mmap
+from .vfio_open import (
+    DEV_VFIO,
+    HANDOVER_KEYS,
+    SYSFS_PCI_DEVICES,
+    DeviceBusyError,
+    DeviceNotFoundError,
+    GroupNotViableError,
+    NoInterruptRemappingError,
+    NoIommuGroupError,
+    NotBoundToVfioError,
+    VfioAdoptError,
+    VfioOpenError,
+    VfioPermissionError,
+    check_adopted,
+    close_quietly,
+    find_group,
+    open_device,
+)
+
+__all__ = [
+    "HANDOVER_KEYS",
+    "DeviceBusyError",
+    "DeviceNotFoundError",
+    "GroupNotViableError",
+    "NoInterruptRemappingError",
+    "NoIommuGroupError",
+    "NotBoundToVfioError",
+    "VfioAdoptError",
+    "VfioDevice",
+    "VfioOpenError",
+    "VfioPermissionError",
+]
 
 #: include/uapi/linux/pci_regs.h: the 16-bit COMMAND register and its bus-master bit.
 PCI_COMMAND = 0x04
 PCI_COMMAND_MASTER = 0x4
-
-SYSFS_PCI_DEVICES = Path("/sys/bus/pci/devices")
-DEV_VFIO = Path("/dev/vfio")
-
-
-#: The keys of ``handover_fds``/``adopt``: every fd that keeps the device open.
-HANDOVER_KEYS = ("container", "group", "device")
-
-
-class VfioAdoptError(ValueError):
-    """Fds handed over by a previous daemon process cannot be taken as this device.
-
-    A ``ValueError`` (not a ``ConfigError``): the daemon logs it and opens the
-    device afresh instead of refusing to start.
-    """
-
-
-class VfioOpenError(ConfigError):
-    """The device could not be opened; the message says what to do about it."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        #: The kernel's errno, when one was behind it.
-        self.errno = code
-
-
-class DeviceNotFoundError(VfioOpenError):
-    """No PCI device at that address."""
-
-
-class NotBoundToVfioError(VfioOpenError):
-    """The device is bound to another driver, or to none."""
-
-
-class NoIommuGroupError(VfioOpenError):
-    """The device has no IOMMU group (no IOMMU enabled, or only the cdev interface)."""
-
-
-class GroupNotViableError(VfioOpenError):
-    """Another device in the same IOMMU group is bound to a non-VFIO driver."""
-
-
-class VfioPermissionError(VfioOpenError):
-    """EACCES/EPERM opening ``/dev/vfio/N`` or ``/dev/vfio/vfio``."""
-
-
-class DeviceBusyError(VfioOpenError):
-    """EBUSY: another process holds the group or the device."""
-
-
-class NoInterruptRemappingError(VfioOpenError):
-    """``VFIO_SET_IOMMU`` gave EPERM: the platform has no interrupt remapping."""
-
-
-def _open(path: Path, bdf: str) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except PermissionError as exc:
-        raise VfioPermissionError(
-            f"{bdf}: {exc.strerror} opening {path}: run the daemon as root, or give its user "
-            f'the device (e.g. a udev rule: SUBSYSTEM=="vfio", OWNER="vfio-irqd") and '
-            "enough RLIMIT_MEMLOCK",
-            exc.errno,
-        ) from exc
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise DeviceBusyError(
-                f"{bdf}: {path} is held by another process (EBUSY); only one process can own "
-                "a VFIO group: stop the other user (another vfio-irqd, QEMU, DPDK) first",
-                exc.errno,
-            ) from exc
-        if exc.errno == errno.ENOENT:
-            raise VfioOpenError(
-                f"{bdf}: {path} does not exist: load the vfio modules "
-                "(modprobe vfio-pci) and check that the device is bound to vfio-pci",
-                exc.errno,
-            ) from exc
-        raise
-
-
-def _group_number(group_fd: int) -> int | None:
-    """The N of the ``/dev/vfio/N`` an fd has open; ``None`` if it is no such file."""
-    try:
-        target = os.readlink(f"/proc/self/fd/{group_fd}")
-    except OSError:
-        return None
-    name = Path(target)
-    return int(name.name) if name.parent == DEV_VFIO and name.name.isdigit() else None
-
-
-def _close_quietly(fd: int) -> None:
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class VfioDevice(Device):
@@ -157,100 +85,11 @@ class VfioDevice(Device):
     ) -> None:
         self.name = bdf
         self.bdf = bdf
-        self._container = -1
-        self._group = -1
-        self._device = -1
-        self.group_number = self._find_group(bdf, sysfs_devices / bdf)
-        try:
-            self._open(bdf, dev_vfio)
-        except BaseException:
-            self.close()
-            raise
+        self.group_number = find_group(bdf, sysfs_devices / bdf)
+        fds = open_device(bdf, self.group_number, dev_vfio)
+        self._container, self._group, self._device = fds.container, fds.group, fds.device
         self.info = io.device_get_info(self._device)
         self._config = io.device_get_region_info(self._device, io.VFIO_PCI_CONFIG_REGION_INDEX)
-
-    # -- opening ---------------------------------------------------------------------
-
-    @staticmethod
-    def _find_group(bdf: str, sysdev: Path) -> int:
-        if not sysdev.exists():
-            raise DeviceNotFoundError(
-                f"{bdf}: no such PCI device (nothing at {sysdev}); check the address with lspci -D",
-                errno.ENODEV,
-            )
-        driver_link = sysdev / "driver"
-        driver = driver_link.resolve().name if driver_link.exists() else None
-        if driver != "vfio-pci":
-            bound = f"bound to {driver}" if driver else "bound to no driver"
-            raise NotBoundToVfioError(
-                f"{bdf}: {bound}, not vfio-pci. Bind it: "
-                f"echo vfio-pci > {sysdev}/driver_override; "
-                + (f"echo {bdf} > {driver_link}/unbind; " if driver else "")
-                + f"echo {bdf} > /sys/bus/pci/drivers_probe "
-                "(or driverctl set-override "
-                f"{bdf} vfio-pci)",
-                errno.ENODEV,
-            )
-        group_link = sysdev / "iommu_group"
-        if not group_link.exists():
-            if (sysdev / "vfio-dev").exists():
-                raise NoIommuGroupError(
-                    f"{bdf}: the kernel offers only the VFIO cdev/iommufd interface "
-                    "(/dev/vfio/devices/vfioN), which this build does not use; use a kernel "
-                    "with CONFIG_VFIO_GROUP=y",
-                    errno.ENODEV,
-                )
-            raise NoIommuGroupError(
-                f"{bdf}: no IOMMU group. Enable the IOMMU in the firmware (VT-d / AMD-Vi) and "
-                "on the kernel command line (intel_iommu=on or amd_iommu=on); no-IOMMU mode "
-                "is not supported",
-                errno.ENODEV,
-            )
-        return int(group_link.resolve().name)
-
-    def _open(self, bdf: str, dev_vfio: Path) -> None:
-        group_path = dev_vfio / str(self.group_number)
-        self._group = _open(group_path, bdf)
-        status = io.group_get_status(self._group)
-        if not status.viable:
-            raise GroupNotViableError(
-                f"{bdf}: IOMMU group {self.group_number} is not viable: every device in "
-                f"/sys/kernel/iommu_groups/{self.group_number}/devices must be bound to "
-                "vfio-pci (or to no driver); bind or unbind the others, or move the device "
-                "to a slot with its own group",
-                errno.EPERM,
-            )
-        self._container = _open(dev_vfio / "vfio", bdf)
-        version = io.get_api_version(self._container)
-        if version != io.VFIO_API_VERSION:
-            raise VfioOpenError(f"{bdf}: unknown VFIO API version {version}")
-        if not io.check_extension(self._container, io.VFIO_TYPE1v2_IOMMU):
-            raise VfioOpenError(
-                f"{bdf}: the kernel's VFIO container has no type1v2 IOMMU: "
-                "modprobe vfio_iommu_type1",
-                errno.ENOTSUP,
-            )
-        io.group_set_container(self._group, self._container)
-        try:
-            io.set_iommu(self._container, io.VFIO_TYPE1v2_IOMMU)
-        except PermissionError as exc:
-            raise NoInterruptRemappingError(
-                f"{bdf}: VFIO_SET_IOMMU refused (EPERM): the platform has no interrupt "
-                "remapping, so a device could forge interrupts. Enable it (VT-d with "
-                "interrupt remapping in the firmware; on a VM, intel-iommu,intremap=on), "
-                "or accept the risk with the vfio_iommu_type1 module parameter "
-                "allow_unsafe_interrupts=1",
-                exc.errno,
-            ) from exc
-        try:
-            self._device = io.group_get_device_fd(self._group, bdf)
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                raise DeviceBusyError(
-                    f"{bdf}: the device is already open (EBUSY): stop its other user",
-                    exc.errno,
-                ) from exc
-            raise
 
     # -- restart without disarming (irqd.process.fdstore) ------------------------------------
 
@@ -284,63 +123,38 @@ class VfioDevice(Device):
         closed, which releases the device (the caller then opens it afresh).
         """
         try:
-            return cls._adopt(bdf, fds, state)
+            held, number, info = check_adopted(bdf, fds, state)
+            config = io.device_get_region_info(held.device, io.VFIO_PCI_CONFIG_REGION_INDEX)
         except BaseException:
             for fd in fds.values():
-                _close_quietly(fd)
+                close_quietly(fd)
             raise
-
-    @classmethod
-    def _adopt(
-        cls, bdf: str, fds: Mapping[str, int], state: Mapping[str, Any] | None
-    ) -> VfioDevice:
-        missing = [key for key in HANDOVER_KEYS if key not in fds]
-        if missing:
-            raise VfioAdoptError(
-                f"{bdf}: the handed-over device lacks its {', '.join(missing)} fd "
-                f"(got {sorted(fds) or 'none'}); it cannot be adopted"
-            )
-        extra = sorted(set(fds) - set(HANDOVER_KEYS))
-        if extra:
-            raise VfioAdoptError(f"{bdf}: unknown handed-over device fds {extra}")
-        if state is not None and state.get("bdf") != bdf:
-            raise VfioAdoptError(
-                f"{bdf}: the handed-over device is {state.get('bdf')!r}, not the configured one"
-            )
-        container, group, device = (fds[key] for key in HANDOVER_KEYS)
-        try:
-            version = io.get_api_version(container)
-            status = io.group_get_status(group)
-            info = io.device_get_info(device)
-        except OSError as exc:
-            raise VfioAdoptError(
-                f"{bdf}: a handed-over fd is not the VFIO object it is named after ({exc.strerror})"
-            ) from exc
-        if version != io.VFIO_API_VERSION:
-            raise VfioAdoptError(f"{bdf}: the handed-over container has API version {version}")
-        if not (status.viable and status.container_set):
-            raise VfioAdoptError(
-                f"{bdf}: the handed-over group is not viable or has no container attached"
-            )
-        if not info.pci:
-            raise VfioAdoptError(f"{bdf}: the handed-over device fd is not a PCI device")
-        number = _group_number(group)
-        if number is None:
-            raise VfioAdoptError(f"{bdf}: the handed-over group fd is not a /dev/vfio/N file")
-        if state is not None and state.get("group") != number:
-            raise VfioAdoptError(
-                f"{bdf}: the handed-over group fd is group {number}, "
-                f"the stored state says {state.get('group')!r}"
-            )
         self = cls.__new__(cls)
         self.name = self.bdf = bdf
-        self._container, self._group, self._device = container, group, device
+        self._container, self._group, self._device = held.container, held.group, held.device
         self.group_number = number
         self.info = info
-        self._config = io.device_get_region_info(device, io.VFIO_PCI_CONFIG_REGION_INDEX)
+        self._config = config
         return self
 
+    @classmethod
+    def adopt_stored(cls, stored: StoredDevice, fresh: Callable[[], Device]) -> VfioDevice:
+        """:meth:`adopt` from the fd store: ``fresh`` is not called (the device is
+        still open through the stored fds, so opening it again would fail)."""
+        fds, stored.fds = stored.fds, {}
+        if stored.configured is None:
+            for fd in fds.values():
+                close_quietly(fd)
+            raise VfioAdoptError(
+                "the stored state is of a real device; the simulation is configured"
+            )
+        return cls.adopt(stored.configured, fds, stored.state)
+
     # -- Device ----------------------------------------------------------------------
+
+    def assigned_fd(self, index: IrqIndex, vector: int) -> int | None:
+        """Refused: the kernel does not give an assigned eventfd back."""
+        raise Unsupported("sim.eventfds exists only on the simulated device")
 
     def irq_info(self, index: IrqIndex) -> IrqInfo:
         """``VFIO_DEVICE_GET_IRQ_INFO``."""
@@ -374,7 +188,7 @@ class VfioDevice(Device):
             fd = getattr(self, attr)
             # Forget the number before closing it: a closed number is reused at once.
             setattr(self, attr, -1)
-            _close_quietly(fd)
+            close_quietly(fd)
 
     @property
     def closed(self) -> bool:
@@ -383,6 +197,63 @@ class VfioDevice(Device):
     def fds(self) -> list[int]:
         """Every fd this object holds on the device (device, group, container)."""
         return [fd for fd in (self._device, self._group, self._container) if fd >= 0]
+
+    # -- device access and DMA memory (irqd.server.broker) ------------------------------
+
+    def regions(self) -> list[RegionInfo]:
+        """Every standard region with a size (BARs, ROM, config, VGA), with sparse areas.
+
+        The kernel answers EINVAL for a region the device lacks (VGA on a
+        non-VGA device); device-specific regions beyond VGA are not listed.
+        """
+        device = self._fd()
+        found = []
+        for index in range(min(self.info.num_regions, len(REGION_NAMES))):
+            try:
+                info, buf, cap_offset = io.device_get_region_info_caps(device, index)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    continue
+                raise
+            if info.size:
+                found.append(RegionInfo.from_kernel(info, parse_sparse_mmap(buf, cap_offset)))
+        return found
+
+    def device_fd(self) -> int:
+        """The VFIO device fd (borrowed: dup it to hand it out)."""
+        return self._fd()
+
+    @property
+    def resettable(self) -> bool:
+        return self.info.resettable
+
+    def reset(self) -> None:
+        """``VFIO_DEVICE_RESET`` (``vfio_pci_ioctl_reset``): the kernel zaps every BAR
+        mapping (they fault back in afterwards), and ``pci_try_reset_function``
+        saves config space and the MSI/MSI-X state, resets, and restores them;
+        the interrupt triggers stay assigned."""
+        device = self._fd()
+        if not self.info.resettable:
+            raise ResetUnsupportedError(self.bdf)
+        io.device_reset(device)
+
+    def iommu_info(self) -> IommuInfo:
+        """``VFIO_IOMMU_GET_INFO`` on the container (type1v2)."""
+        _, pgsizes, buf, cap_offset = io.iommu_get_info(self._container_fd())
+        return parse_iommu_info(pgsizes, buf, cap_offset)
+
+    def dma_map(self, vaddr: int, iova: int, size: int) -> None:
+        """``VFIO_IOMMU_MAP_DMA``, readable and writable by the device; pins the pages."""
+        flags = io.VFIO_DMA_MAP_FLAG_READ | io.VFIO_DMA_MAP_FLAG_WRITE
+        io.iommu_map_dma(self._container_fd(), vaddr, iova, size, flags)
+
+    def dma_unmap(self, iova: int, size: int) -> int:
+        """``VFIO_IOMMU_UNMAP_DMA``; returns the bytes the kernel unmapped."""
+        return io.iommu_unmap_dma(self._container_fd(), iova, size)
+
+    def _container_fd(self) -> int:
+        self._fd()  # EBADF once closed, like every other call
+        return self._container
 
     # -- regions and config space ----------------------------------------------------
 

@@ -234,3 +234,119 @@ def pack_bools(values: Sequence[bool | int]) -> bytes:
 def device_reset(device: int) -> None:
     """``VFIO_DEVICE_RESET``."""
     fcntl.ioctl(device, VFIO_DEVICE_RESET)
+
+
+# -- capability chains ------------------------------------------------------------------
+
+# include/uapi/linux/vfio.h (6.1): struct vfio_info_cap_header {__u16 id; __u16 version;
+# __u32 next;}; ``next`` and the info struct's ``cap_offset`` are offsets from the start
+# of the info buffer, 0 ends the chain.
+_CAP_HEADER = struct.Struct("=HHI")
+
+
+@dataclass(frozen=True)
+class InfoCap:
+    """One capability of an INFO ioctl's chain: its id, version and offset in the buffer."""
+
+    id: int
+    version: int
+    offset: int
+
+    @property
+    def body(self) -> int:
+        """Where the capability's own fields start (after the 8-byte header)."""
+        return self.offset + _CAP_HEADER.size
+
+
+def info_caps(buf: bytes, first: int) -> list[InfoCap]:
+    """Walk the capability chain of an INFO buffer from ``first`` (``cap_offset``).
+
+    Stops at an offset outside the buffer or one already seen (a chain the
+    kernel would never build), rather than looping.
+    """
+    caps: list[InfoCap] = []
+    seen: set[int] = set()
+    offset = first
+    while offset and offset not in seen and offset + _CAP_HEADER.size <= len(buf):
+        seen.add(offset)
+        cap_id, version, following = _CAP_HEADER.unpack_from(buf, offset)
+        caps.append(InfoCap(cap_id, version, offset))
+        offset = following
+    return caps
+
+
+def device_get_region_info_caps(device: int, index: int) -> tuple[RegionInfo, bytes, int]:
+    """``VFIO_DEVICE_GET_REGION_INFO`` with its capability chain.
+
+    Returns the region, the whole info buffer and ``cap_offset`` (0: no chain).
+    A kernel with capabilities to report sets ``VFIO_REGION_INFO_FLAG_CAPS``
+    and raises ``argsz`` to the size it needs when the buffer was too small;
+    the call is then made again with that size.
+    """
+    argsz = _REGION_INFO.size
+    for _attempt in range(2):
+        buf = bytearray(argsz)
+        _REGION_INFO.pack_into(buf, 0, argsz, 0, index, 0, 0, 0)
+        fcntl.ioctl(device, VFIO_DEVICE_GET_REGION_INFO, buf)
+        needed, flags, got_index, cap_offset, size, offset = _REGION_INFO.unpack_from(buf)
+        region = RegionInfo(got_index, flags, size, offset)
+        if not flags & VFIO_REGION_INFO_FLAG_CAPS or needed <= argsz:
+            return region, bytes(buf), cap_offset if flags & VFIO_REGION_INFO_FLAG_CAPS else 0
+        argsz = needed
+    return region, bytes(buf), 0
+
+
+# -- IOMMU (type1, on the container) ----------------------------------------------------
+
+# include/uapi/linux/vfio.h (6.1): VFIO_IOMMU_GET_INFO, MAP_DMA, UNMAP_DMA.
+VFIO_IOMMU_GET_INFO = _vfio_io(12)
+VFIO_IOMMU_MAP_DMA = _vfio_io(13)
+VFIO_IOMMU_UNMAP_DMA = _vfio_io(14)
+
+# include/uapi/linux/vfio.h (6.1): struct vfio_iommu_type1_info.flags.
+VFIO_IOMMU_INFO_PGSIZES = 1 << 0
+VFIO_IOMMU_INFO_CAPS = 1 << 1
+# include/uapi/linux/vfio.h (6.1): capability ids of VFIO_IOMMU_GET_INFO.
+VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1
+VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL = 3
+# include/uapi/linux/vfio.h (6.1): struct vfio_iommu_type1_dma_map.flags.
+VFIO_DMA_MAP_FLAG_READ = 1 << 0
+VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+
+# argsz, flags, iova_pgsizes, cap_offset, pad: 24 bytes (the struct is 8-byte aligned).
+_IOMMU_INFO = struct.Struct("=IIQII")
+_DMA_MAP = struct.Struct("=IIQQQ")  # argsz, flags, vaddr, iova, size
+_DMA_UNMAP = struct.Struct("=IIQQ")  # argsz, flags, iova, size (then data[], unused)
+
+
+def iommu_get_info(container: int) -> tuple[int, int, bytes, int]:
+    """``VFIO_IOMMU_GET_INFO``: ``(flags, iova_pgsizes, buffer, cap_offset)``.
+
+    Asked twice when the kernel has capabilities (IOVA ranges, DMA mappings
+    available) that did not fit: it then raises ``argsz`` to the size needed.
+    """
+    argsz = _IOMMU_INFO.size
+    for _attempt in range(2):
+        buf = bytearray(argsz)
+        _IOMMU_INFO.pack_into(buf, 0, argsz, 0, 0, 0, 0)
+        fcntl.ioctl(container, VFIO_IOMMU_GET_INFO, buf)
+        needed, flags, pgsizes, cap_offset, _ = _IOMMU_INFO.unpack_from(buf)
+        if not flags & VFIO_IOMMU_INFO_CAPS or needed <= argsz:
+            caps = cap_offset if flags & VFIO_IOMMU_INFO_CAPS else 0
+            return flags, pgsizes, bytes(buf), caps
+        argsz = needed
+    return flags, pgsizes, bytes(buf), 0
+
+
+def iommu_map_dma(container: int, vaddr: int, iova: int, size: int, flags: int) -> None:
+    """``VFIO_IOMMU_MAP_DMA``: pin ``size`` bytes at ``vaddr`` and map them at ``iova``."""
+    buf = bytearray(_DMA_MAP.pack(_DMA_MAP.size, flags, vaddr, iova, size))
+    fcntl.ioctl(container, VFIO_IOMMU_MAP_DMA, buf)
+
+
+def iommu_unmap_dma(container: int, iova: int, size: int) -> int:
+    """``VFIO_IOMMU_UNMAP_DMA``; returns the bytes the kernel unmapped (written to ``size``)."""
+    buf = bytearray(_DMA_UNMAP.pack(_DMA_UNMAP.size, 0, iova, size))
+    fcntl.ioctl(container, VFIO_IOMMU_UNMAP_DMA, buf)
+    _, _, _, unmapped = _DMA_UNMAP.unpack(buf)
+    return int(unmapped)

@@ -161,6 +161,10 @@ class Dispatcher:
         del self._tokens[fd]
         ep.unregister(fd)
 
+    def token(self, fd: int) -> int:
+        """The token ``fd`` is registered under; ``KeyError`` if unknown."""
+        return self._tokens[fd]
+
     def __contains__(self, fd: int) -> bool:
         return fd in self._tokens
 

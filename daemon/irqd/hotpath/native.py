@@ -9,30 +9,47 @@ accepting, reading requests, changing the vector table, and writing responses,
 which go through the extension's per-client output queue so that they never
 interleave with notifications.
 
-The table talks to the extension through :class:`NativeVectors`, which has the
-same ``add`` / ``remove`` / ``drain_fd`` as :class:`irqd.hotpath.dispatcher.Dispatcher`
-plus ``joined`` / ``left``: the extension keeps its own copy of each vector's
-subscriber list, changed only here, on the Trio thread, at the same points
-where the table changes its own. The Trio dispatcher and the table's Python
-crediting remain the fallback and the reference (``hot_loop = python``).
+The table talks to the extension through :class:`NativeHotLoop`, one of the
+two implementations of :class:`irqd.hotpath.interface.HotLoop`: ``joined`` /
+``left`` keep the extension's own copy of each vector's subscriber list,
+changed only here, on the Trio thread, at the same points where the table
+changes its own. The Python hot loop (irqd.hotpath.python) remains the
+fallback and the reference (``hot_loop = python``).
+
+The thread cannot call into Python, so the loop's Trio task (``run``) asks now
+and then what it gave up on: vectors whose eventfd failed (logged) and clients
+whose socket failed (their session ends, as a failed write ends it with the
+Python loop).
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from irqd.config import HotLoop as HotLoopChoice
+import structlog
+import trio
+
 from irqd.device.base import IrqIndex
-from irqd.errors import ConfigError
+from irqd.hotpath.dispatcher import DispatcherStats
+from irqd.hotpath.interface import Deliver, Subscriber
+from irqd.hotpath.native_session import NativeSession
+from irqd.hotpath.session import PeerCredentials, Session
+from irqd.stats import LatencyHistogram
 
 if TYPE_CHECKING:
     from irqd._hotloop import HotLoop
 
+log = structlog.get_logger("irqd.hotpath.native")
 
 #: How often ``responds`` looks at the hot thread's round counter.
 RESPONDS_POLL_S = 0.0005
+
+#: How often failed vector eventfds and client sockets reported by the hot
+#: thread are looked at.
+FAILURES_PERIOD = 1.0
 
 
 def native_available() -> bool:
@@ -44,42 +61,42 @@ def native_available() -> bool:
     return True
 
 
-def resolve_hot_loop(wanted: HotLoopChoice) -> HotLoopChoice:
-    """``AUTO`` made concrete; ``ConfigError`` if ``NATIVE`` is asked for but not built."""
-    if wanted is HotLoopChoice.PYTHON:
-        return wanted
-    if native_available():
-        return HotLoopChoice.NATIVE
-    if wanted is HotLoopChoice.NATIVE:
-        raise ConfigError(
-            "hot_loop = native, but the extension irqd._hotloop is not built "
-            "(reinstall with gcc and the Python headers present, or use hot_loop = python)"
-        )
-    return HotLoopChoice.PYTHON
-
-
-class NativeVectors:
-    """Owner of the extension's ``HotLoop``; the vector table's poller in native mode.
+class NativeHotLoop:
+    """Owner of the extension's ``HotLoop``: the hot loop in a thread of its own.
 
     A vector whose eventfd failed (the hot thread dropped it; ``take_failed``)
     stays known here as failed, so that the table can go on treating it as a
     vector that simply never fires until it releases it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, latency: LatencyHistogram | None = None) -> None:
         from irqd._hotloop import HotLoop  # noqa: PLC0415  only in native mode
 
         names: list[str | None] = [None] * 16
         for index in IrqIndex:
             names[int(index)] = index.wire_name
         self.hot: HotLoop = HotLoop(names)
+        self.latency = latency if latency is not None else LatencyHistogram()
+        self.latency.add_source(self.latency_counts)
         self._tokens: dict[int, int] = {}  # fd -> token, of vectors the thread polls
         self._failed: dict[int, int] = {}  # fd -> token, of vectors it dropped
         self._closed = False
         self._last_rounds = 0
         self._last_latency: Sequence[int] = ()
+        # The sessions whose sockets the thread writes: ``run`` asks each now
+        # and then whether the thread gave up on it. Weak: a session is the
+        # client loop's, and ends with it.
+        self._sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
+
+    @property
+    def name(self) -> str:
+        return "native"
 
     # -- the vector table's poller interface -------------------------------------------
+
+    def attach(self, deliver: Deliver) -> None:
+        """Nothing to attach: the thread credits the subscribers from its own copy
+        of the subscriber lists (``joined``/``left``), never through the table."""
 
     def add(self, fd: int, token: int) -> None:
         """Poll ``fd`` in the hot thread under ``token``."""
@@ -102,12 +119,12 @@ class NativeVectors:
             return 0
         return self.hot.drain_vector(fd)  # KeyError if unknown
 
-    def joined(self, token: int, subscriber: object) -> None:
+    def joined(self, token: int, subscriber: Subscriber) -> None:
         """``subscriber`` receives the vector from now on."""
         if token not in self._failed.values():
             self.hot.subscribe(_client_id(subscriber), token)
 
-    def left(self, token: int, subscriber: object) -> None:
+    def left(self, token: int, subscriber: Subscriber) -> None:
         """``subscriber`` stops receiving the vector; what it was owed is queued to it."""
         if token not in self._failed.values():
             self.hot.unsubscribe(_client_id(subscriber), token)
@@ -122,7 +139,41 @@ class NativeVectors:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    # -- sessions, statistics ------------------------------------------------------------
+
+    def new_session(
+        self, sock: trio.socket.SocketType, session_id: int, peer: PeerCredentials
+    ) -> Session:
+        """A session whose counters and output queue are the extension's."""
+        session = NativeSession(sock, session_id, peer, self.latency, self.hot)
+        self._sessions.add(session)
+        return session
+
+    def dispatch_stats(self, own: DispatcherStats) -> dict[str, Any]:
+        """The Trio dispatcher then polls only the daemon's own eventfds."""
+        return {
+            "rounds": own.rounds,
+            "events": own.events,
+            "native": own.native,
+            "hot_loop": self.name,
+            "hot_rounds": self.rounds,
+        }
+
     # -- the thread --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """What the thread gave up on, which it cannot tell Trio itself: vectors whose
+        eventfd failed (logged, like the Python loop's ``vector.eventfd_failed``) and
+        clients whose socket failed (their session's sender raises, ending it)."""
+        while True:
+            await trio.sleep(FAILURES_PERIOD)
+            for token in self.take_failed():
+                log.error("vector.eventfd_failed", token=token)
+            if self._closed:
+                continue
+            for session in list(self._sessions):
+                if not session.removed:
+                    session.check_output()
 
     def start(self) -> None:
         """Start forwarding (idempotent)."""
@@ -147,8 +198,9 @@ class NativeVectors:
         return self._last_rounds
 
     def poke(self) -> None:
-        """Make the hot thread go round once, even with no interrupt."""
-        self.hot.poke()
+        """Make the hot thread go round once, even with no interrupt (not once closed)."""
+        if not self._closed:
+            self.hot.poke()
 
     def responds(self, timeout: float) -> bool:
         """Poke the hot thread and wait up to ``timeout`` seconds for it to go round.
@@ -197,8 +249,7 @@ class NativeVectors:
         self.hot.close()
 
 
-def _client_id(subscriber: object) -> int:
-    client_id = getattr(subscriber, "client_id", None)
-    if not isinstance(client_id, int):
+def _client_id(subscriber: Subscriber) -> int:
+    if not isinstance(subscriber, NativeSession):
         raise TypeError(f"{subscriber!r} has no output in the native hot loop")
-    return client_id
+    return subscriber.client_id

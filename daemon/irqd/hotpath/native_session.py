@@ -7,7 +7,7 @@ to the same queue by ``HotLoop.send``, whole messages at a time, after it has
 encoded every count still pending: the guarantee of
 :class:`irqd.hotpath.session.Session` that a response comes after every count credited
 before it holds here too. Control notifications are appended at once, not by
-the session's sender task, so that ``resized`` is ahead of the count of the
+a sender task, so that ``resized`` is ahead of the count of the
 loopback trigger that follows it.
 
 ``send`` never blocks. A client that does not read makes its queue grow only
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from irqd.device.base import IrqIndex
-from irqd.hotpath.session import PeerCredentials, Session, encode_notification
-from irqd.server.vectors import make_token, split_token
+from irqd.hotpath.session import PeerCredentials, Session, SessionOutput, encode_notification
 from irqd.stats import LatencyHistogram
+from irqd.tokens import make_token, split_token
 from irqproto.notifications import ResizedNotification, TypedNotification
 
 if TYPE_CHECKING:
@@ -49,34 +49,31 @@ class NativeSession(Session):
         latency: LatencyHistogram,
         hot: HotLoop,
     ) -> None:
+        super().__init__(sock, session_id, peer, latency)
         self._hot = hot
-        #: The extension's id for this client (``irqd.hotpath.native.NativeVectors`` uses it).
+        #: The extension's id for this client (``irqd.hotpath.native.NativeHotLoop`` uses it).
         self.client_id = hot.add_client(sock.fileno())
-        # What the counters held before this process: set by ``restore``.
+        # What the counters held before this process (``restore_counters``), and
+        # what Trio itself queued; the extension counts what its thread writes.
         self._base_delivered = 0
         self._py_notifications = 0
         #: Output taken out of the extension for a hand-over, put back if it is called off.
         self._exported: tuple[bytes, list[tuple[int, int]]] | None = None
         self._removed = False
-        super().__init__(sock, session_id, peer, latency)
+        self._wake = trio.Event()
 
-    # The extension counts what its thread delivers; these add what came before
-    # (and, once the client is removed from it, hold the final figures).
     @property
     def delivered(self) -> int:
         return self._base_delivered + self._native_stats()[0]
-
-    @delivered.setter
-    def delivered(self, value: int) -> None:
-        self._base_delivered = value
 
     @property
     def notifications(self) -> int:
         return self._py_notifications + self._native_stats()[1]
 
-    @notifications.setter
-    def notifications(self, value: int) -> None:
-        self._py_notifications = value
+    @property
+    def removed(self) -> bool:
+        """After ``close_output``: the extension no longer knows this client."""
+        return self._removed
 
     def add_pending(self, index: IrqIndex, vector: int, count: int) -> None:
         """Credit interrupts in the extension (an adopted session's counts)."""
@@ -126,21 +123,25 @@ class NativeSession(Session):
     def check_output(self) -> None:
         """Wake the sender if the hot thread's last write to this client failed.
 
-        The thread cannot call into Python, so the daemon asks every session
-        now and then (``Daemon._native_failures_loop``).
+        The thread cannot call into Python, so the native hot loop's Trio task
+        asks every session now and then (``NativeHotLoop.run``).
         """
         if self._native_stats()[5]:
             self._wake.set()
+
+    async def respond(self, response: bytes, fds: Sequence[int] = ()) -> None:
+        """Queue a response after every count pending; ``fds`` ride on its first byte.
+
+        The extension holds the fds it was given until they are sent: wait for
+        that, so a hand-over never finds fds in a queue.
+        """
+        async with self._lock:
+            await self._write(response, fds, 0 if fds else OUTPUT_HIGH_WATER)
 
     async def flush(self) -> None:
         """Write whatever is pending and wait until the socket has taken all of it."""
         async with self._lock:
             await self._write(b"", (), 0)
-
-    async def _send_locked(self, tail: bytes, fds: Sequence[int] = ()) -> None:
-        # The extension holds the fds it was given until they are sent: wait
-        # for that, so a hand-over never finds fds in a queue.
-        await self._write(tail, fds, 0 if fds else OUTPUT_HIGH_WATER)
 
     async def _write(self, data: bytes, fds: Sequence[int], drain_to: int) -> None:
         hot, client = self._hot, self.client_id
@@ -153,22 +154,23 @@ class NativeSession(Session):
                 raise trio.ClosedResourceError("the session has ended")
             queued = hot.flush(client)
 
-    def _export_pending(self) -> list[tuple[IrqIndex, int, int]]:
-        # Called with the hot thread stopped (Daemon.hand_over): nothing moves.
+    def export_output(self) -> SessionOutput:
+        """The extension's queued bytes and pending counters, taken out of it.
+
+        Called with the hot thread stopped (a hand-over): nothing moves. ``post``
+        and ``post_resized`` queue in the extension at once, so Python holds
+        no ``resized`` of its own.
+        """
         output = self._hot.take_output(self.client_id)
         pending = self._hot.take_pending(self.client_id)
         self._exported = (output, pending)
-        return [(*split_token(token), count) for token, count in pending]
-
-    def _export_outbox(self) -> list[bytes]:
-        # export_state asks for pending first, so ``_exported`` is set by now;
-        # ``post`` and ``post_resized`` leave nothing in Python's outbox.
-        assert self._exported is not None
-        output = self._exported[0]
-        return [output] if output else []
+        return SessionOutput(
+            pending=[(*split_token(token), count) for token, count in pending],
+            outbox=[output] if output else [],
+        )
 
     def release_output(self) -> None:
-        """A hand-over was called off: put back what ``export_state`` took out."""
+        """A hand-over was called off: put back what ``export_output`` took out."""
         if self._exported is not None:
             output, pending = self._exported
             self._exported = None
@@ -179,11 +181,16 @@ class NativeSession(Session):
                     self._hot.credit(self.client_id, token, count)
         super().release_output()
 
-    def _restore_outbox(self, parts: list[bytes]) -> None:
-        data = b"".join(parts)
+    def restore_output(self, outbox: list[bytes]) -> None:
+        """Straight into the extension's queue, before any count is credited."""
+        data = b"".join(outbox)
         if data:
-            # Straight into the extension's queue, before any count is credited.
             self._hot.send(self.client_id, data)
+
+    def restore_counters(self, delivered: int, notifications: int) -> None:
+        """Take over what the previous process had delivered and written."""
+        self._base_delivered = delivered
+        self._py_notifications = notifications
 
     def close_output(self) -> None:
         """Drop the client from the extension; queued output is discarded."""

@@ -1,16 +1,20 @@
-"""One client connection: its output path and its coalescing interrupt counters.
+"""One client connection as the daemon sees it, whichever hot loop serves it.
 
-Interrupt counts are never queued as messages. The dispatcher adds them to a
-per-vector counter and wakes the session's sender, which turns everything
-pending into one ``irq`` notification per index when the socket can take it.
-A client that stops reading therefore costs one integer per subscribed vector
-and slows nobody else: the dispatcher only ever increments and sets an event.
+:class:`Session` is the one interface of a client session: its identity and
+request bookkeeping (here), and its output path (abstract, public methods)
+that each hot loop implements: :class:`irqd.hotpath.python_session.PythonSession`
+(Python's own coalescing counters, written by a Trio sender task) and
+:class:`irqd.hotpath.native_session.NativeSession` (the extension's counters
+and output queue, written by its thread). Both keep the same guarantees:
 
-Every byte a session writes (responses, notifications, ``irq`` counts) goes
-through ``_send_locked`` under one lock, so messages never interleave, and
-pending counts are only taken while holding it. ``respond`` flushes pending
-counts first: when a client reads the answer to ``unsubscribe``, every count
-for that subscription is already in front of it.
+* interrupt counts are never queued as messages but added to a per-vector
+  counter, so a client that stops reading costs one integer per subscribed
+  vector and slows nobody else;
+* messages never interleave, and ``respond`` writes everything pending first:
+  when a client reads the answer to ``unsubscribe``, every count for that
+  subscription is already in front of it;
+* for a hand-over (irqd.process.fdstore) the output can be held at a message
+  boundary, exported (``export_output``) and restored in the next process.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import errno
 import socket
 import struct
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -30,7 +35,7 @@ from irqd.device.base import IrqIndex
 from irqd.stats import LatencyHistogram
 from irqproto.codec import encode
 from irqproto.messages import to_wire
-from irqproto.notifications import ResizedNotification, TypedNotification, encode_irq
+from irqproto.notifications import TypedNotification, encode_irq
 
 #: include/net/scm.h: the most fds one SCM_RIGHTS message may carry.
 SCM_MAX_FD = 253
@@ -97,8 +102,25 @@ def encode_notification(notification: TypedNotification) -> bytes:
     return encode(to_wire(notification.to_message()))
 
 
-class Session:
-    """A connected client as the vector table and the request handlers see it."""
+@dataclass
+class SessionOutput:
+    """Everything a session has not written yet, as ``export_output`` hands it over."""
+
+    #: Unsent interrupt counts: ``(index, vector, count)``.
+    pending: list[tuple[IrqIndex, int, int]] = field(default_factory=list)
+    #: Unsent ``resized`` notifications: ``(index, vectors, possible_loss)``.
+    resized: list[tuple[IrqIndex, list[int], bool]] = field(default_factory=list)
+    #: Encoded bytes due before anything else (a message may be half written).
+    outbox: list[bytes] = field(default_factory=list)
+
+
+class Session(ABC):
+    """A connected client as the vector table, the handlers and the client loop see it.
+
+    The output path is abstract: each hot loop's session class implements the
+    public methods below (``add_pending`` ... ``close_output``); identity,
+    request bookkeeping and the hand-over's state format are shared here.
+    """
 
     def __init__(
         self,
@@ -117,108 +139,66 @@ class Session:
         #: ``trio.current_time()`` of the last request, for the idle limit.
         self.last_request = trio.current_time()
         self.requests = 0
-        self.delivered = 0
-        self.notifications = 0
         #: Why the output path gave up, when it was the one to end the session.
         self.close_reason: str | None = None
-        self._pending: dict[IrqIndex, dict[int, int]] = {}
-        self._pending_since_ns = 0
-        self._resized: dict[IrqIndex, tuple[set[int], bool]] = {}
-        self._outbox: list[bytes] = []
-        self._wake = trio.Event()
+        #: Held for every write, so that messages never interleave; held for
+        #: good by ``hold_output`` during a hand-over.
         self._lock = trio.Lock()
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} {self.name!r} pid={self.peer.pid}>"
+        return f"<{type(self).__name__} {self.id} {self.name!r} pid={self.peer.pid}>"
 
-    # -- called synchronously by the table and the dispatcher --------------------
+    # -- the output path: called synchronously by the table and the handlers ----------
 
+    @property
+    @abstractmethod
+    def delivered(self) -> int:
+        """Interrupts written to the client so far (carried across a hand-over)."""
+
+    @property
+    @abstractmethod
+    def notifications(self) -> int:
+        """Notifications written to the client so far (carried across a hand-over)."""
+
+    @abstractmethod
     def add_pending(self, index: IrqIndex, vector: int, count: int) -> None:
-        """Credit interrupts; coalesces with whatever is still unsent."""
-        per_index = self._pending.get(index)
-        if per_index is None:
-            per_index = self._pending[index] = {}
-        if not self._pending_since_ns:
-            self._pending_since_ns = time.perf_counter_ns()
-        per_index[vector] = per_index.get(vector, 0) + count
-        self._wake.set()
+        """Credit interrupts; coalesces with whatever is still unsent. Never blocks."""
 
+    @abstractmethod
     def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
-        """Queue a ``resized`` notification; several coalesce into one per index."""
-        known, loss = self._resized.get(index, (set(), False))
-        known.update(vectors)
-        self._resized[index] = (known, loss or possible_loss)
-        self._wake.set()
+        """Queue a ``resized`` notification. Never blocks."""
 
+    @abstractmethod
     def post(self, notification: TypedNotification) -> None:
-        """Queue a control notification (``shutdown``, ``device_lost``)."""
-        self._outbox.append(encode_notification(notification))
-        self._wake.set()
+        """Queue a control notification (``shutdown``, ``device_lost``, ``err``)."""
 
+    @abstractmethod
     def pending_counters(self) -> int:
         """How many (index, vector) counters are waiting: the memory a slow client costs."""
-        return sum(len(per) for per in self._pending.values())
 
+    @abstractmethod
     def pending_total(self) -> int:
         """Interrupts credited but not yet written to the socket."""
-        return sum(sum(per.values()) for per in self._pending.values())
 
-    # -- the output path -----------------------------------------------------------------
+    # -- the output path: Trio -----------------------------------------------------------
 
+    @abstractmethod
     async def run_sender(self) -> None:
-        """Write pending notifications whenever there are some, until cancelled."""
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            async with self._lock:
-                await self._send_locked(b"")
+        """Until cancelled: write what is pending; ``OSError`` once the socket failed."""
 
+    @abstractmethod
     async def respond(self, response: bytes, fds: Sequence[int] = ()) -> None:
         """Write a response, after everything pending; ``fds`` ride on its first byte."""
-        async with self._lock:
-            await self._send_locked(response, fds)
 
+    @abstractmethod
     async def flush(self) -> None:
         """Write whatever is pending now."""
-        async with self._lock:
-            await self._send_locked(b"")
 
-    async def _send_locked(self, tail: bytes, fds: Sequence[int] = ()) -> None:
-        since_ns = self._pending_since_ns
-        self._pending_since_ns = 0
-        head = self._take_pending()
-        if head:
-            await self._sendall(head)
-            if since_ns:
-                self.latency.record_ns(time.perf_counter_ns() - since_ns)
-        if tail:
-            await self._sendall(tail, fds)
+    @abstractmethod
+    def close_output(self) -> None:
+        """The session is over; called before its socket is closed. Idempotent."""
 
-    def _take_posted(self) -> list[bytes]:
-        """Queued control notifications and ``resized``, taken for writing."""
-        parts = self._outbox
-        self._outbox = []
-        for index, (vectors, loss) in self._resized.items():
-            resized = ResizedNotification(index.wire_name, tuple(sorted(vectors)), loss)
-            parts.append(encode_notification(resized))
-        self._resized = {}
-        return parts
-
-    def _take_pending(self) -> bytes:
-        parts = self._take_posted()
-        pending = self._pending
-        if pending:
-            self._pending = {}
-            for index in sorted(pending):
-                counts = pending[index]
-                self.delivered += sum(counts.values())
-                parts.append(encode_counts(index, counts))
-        if not parts:
-            return b""
-        self.notifications += len(parts)
-        return b"".join(parts)
-
-    # -- restart without disconnecting (irqd.process.fdstore) ---------------------------------
+    # -- restart without disconnecting (irqd.process.fdstore) ------------------------------
 
     async def hold_output(self) -> None:
         """Take the output lock for good: a message being written is finished first,
@@ -229,10 +209,23 @@ class Session:
         """Give back the lock ``hold_output`` took (a hand-over that was called off)."""
         self._lock.release()
 
+    @abstractmethod
+    def export_output(self) -> SessionOutput:
+        """Everything not yet written, taken out for the next process; output held."""
+
+    @abstractmethod
+    def restore_output(self, outbox: list[bytes]) -> None:
+        """Queue bytes another process left unsent, ahead of anything else."""
+
+    @abstractmethod
+    def restore_counters(self, delivered: int, notifications: int) -> None:
+        """Take over what the previous process had delivered and written."""
+
     def export_state(self) -> dict[str, Any]:
         """What a new daemon process needs to carry on this session: identity,
         counters and everything not yet written (pending counts, ``resized``,
         queued notifications), as msgpack-able data. Call with the output held."""
+        output = self.export_output()
         return {
             "id": self.id,
             "name": self.name,
@@ -241,34 +234,12 @@ class Session:
             "delivered": self.delivered,
             "notifications": self.notifications,
             "connected_for": time.monotonic() - self.connected_at,
-            "pending": [
-                [int(index), vector, count] for index, vector, count in self._export_pending()
-            ],
+            "pending": [[int(index), vector, count] for index, vector, count in output.pending],
             "resized": [
-                [int(index), sorted(vectors), loss]
-                for index, (vectors, loss) in self._resized.items()
+                [int(index), sorted(vectors), loss] for index, vectors, loss in output.resized
             ],
-            "outbox": self._export_outbox(),
+            "outbox": output.outbox,
         }
-
-    def _export_pending(self) -> list[tuple[IrqIndex, int, int]]:
-        return [
-            (index, vector, count)
-            for index, counts in self._pending.items()
-            for vector, count in counts.items()
-        ]
-
-    def _export_outbox(self) -> list[bytes]:
-        return list(self._outbox)
-
-    @classmethod
-    def from_state(
-        cls, sock: trio.socket.SocketType, state: dict[str, Any], latency: LatencyHistogram
-    ) -> Session:
-        """The session ``export_state`` described, on its adopted socket."""
-        session = cls(sock, int(state["id"]), PeerCredentials.of(sock), latency)
-        session.restore(state)
-        return session
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take over the counters and unsent output ``export_state`` described.
@@ -279,10 +250,9 @@ class Session:
         self.name = str(state["name"])
         self.greeted = bool(state["greeted"])
         self.requests = int(state["requests"])
-        self.delivered = int(state["delivered"])
-        self.notifications = int(state["notifications"])
+        self.restore_counters(int(state["delivered"]), int(state["notifications"]))
         self.connected_at = time.monotonic() - float(state["connected_for"])
-        self._restore_outbox([bytes(b) for b in state["outbox"]])
+        self.restore_output([bytes(b) for b in state["outbox"]])
         # ``resized`` before the counts: it was posted before the loopback
         # trigger whose count may be among them (a session writes what was
         # posted ahead of pending counts).
@@ -290,27 +260,3 @@ class Session:
             self.post_resized(IrqIndex(index), [int(v) for v in vectors], bool(loss))
         for index, vector, count in state["pending"]:
             self.add_pending(IrqIndex(index), int(vector), int(count))
-
-    def _restore_outbox(self, parts: list[bytes]) -> None:
-        self._outbox.extend(parts)
-        if self._outbox:
-            self._wake.set()
-
-    def close_output(self) -> None:
-        """The session is over; called before its socket is closed."""
-
-    async def _sendall(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        view = memoryview(data)
-        pending_fds = list(fds)
-        while pending_fds:
-            # The kernel takes at most SCM_MAX_FD (253) fds per message, and each
-            # batch needs at least one byte to ride on: the client collects fds
-            # in order and matches them with the response's vector list.
-            batch, pending_fds = pending_fds[:SCM_MAX_FD], pending_fds[SCM_MAX_FD:]
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch).tobytes())]
-            chunk = view[:1] if pending_fds else view
-            sent = await self.sock.sendmsg([chunk], rights)
-            view = view[sent:]
-        while view:
-            sent = await self.sock.send(view)
-            view = view[sent:]

@@ -46,12 +46,12 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import msgpack
 import structlog
 
-from irqd.device.base import Device, IrqIndex
+from irqd.device.base import Device, IrqIndex, StoredDevice, Unsupported
 from irqd.device.sim import SimDevice
 from irqd.eventfd import EventFd, is_eventfd
 from irqd.process.activation import InheritedFds
@@ -67,6 +67,7 @@ __all__ = [
     "STORED_PREFIXES",
     "VECTOR_PREFIX",
     "Carried",
+    "DeviceDescription",
     "HandoverError",
     "StoredFds",
     "adopt_device",
@@ -182,32 +183,37 @@ def read_state(fd: int) -> dict[str, Any]:
 
 
 def device_fds(device: Device) -> dict[str, int] | None:
-    """The fds that keep ``device`` open, by key; ``None`` if it cannot be handed over.
-
-    The simulated device lives inside the process and needs none (its assigned
-    eventfds are the vector table's). Another backend takes part by providing
-    ``handover_fds() -> dict[str, int]`` and a classmethod
-    ``adopt(bdf, fds, state)`` (and ``export_state()`` if it has state to carry).
-    """
-    if isinstance(device, SimDevice):
-        return {}
-    handover_fds = getattr(device, "handover_fds", None)
-    if handover_fds is None or not hasattr(type(device), "adopt"):
+    """The fds that keep ``device`` open, by key; ``None`` if its backend cannot be handed over."""
+    try:
+        return device.handover_fds()
+    except Unsupported:
         return None
-    fds: dict[str, int] = handover_fds()
-    return fds
 
 
-def export_device(device: Device) -> dict[str, Any]:
+class DeviceDescription(TypedDict):
+    """The device's part of the state (``"device"``)."""
+
+    #: ``Device.backend`` of the device handed over (earlier versions: its class name).
+    kind: str
+    name: str
+    #: ``Device.export_state``.
+    state: dict[str, Any]
+
+
+def export_device(device: Device) -> DeviceDescription:
     """The device's part of the state."""
-    if isinstance(device, SimDevice):
-        return {"kind": "sim", "name": device.name, "state": device.export_state()}
-    export = getattr(device, "export_state", None)
-    return {
-        "kind": type(device).__name__,
-        "name": device.name,
-        "state": export() if export is not None else None,
-    }
+    return {"kind": device.backend, "name": device.name, "state": device.export_state()}
+
+
+def _backend(kind: str) -> type[Device]:
+    """The class that adopts a stored device of ``kind`` (``Device.backend``)."""
+    if kind == SimDevice.backend:
+        return SimDevice
+    # Only real devices need it. Any other kind is a real device: earlier
+    # versions wrote the class name ("VfioDevice") here.
+    from irqd.device.vfio import VfioDevice  # noqa: PLC0415
+
+    return VfioDevice
 
 
 @dataclass
@@ -293,35 +299,21 @@ def take_carried(inherited: InheritedFds) -> Carried | None:
 def adopt_device(carried: Carried, fresh: Callable[[], Device], bdf: str | None) -> Device:
     """The device the previous process had, as it left it: no ``SET_IRQS`` call on the way.
 
-    ``fresh`` opens the configured device; for the simulation that is a new
-    ``SimDevice`` that then takes over the stored state and the carried
-    eventfds. A real backend's class must provide ``adopt(bdf, fds, state)``.
+    ``fresh`` opens the configured device (``bdf``, or the simulation for
+    ``None``) for a backend that takes the stored state over on a new object
+    (``Device.adopt_stored``). Takes ``carried.device_fds`` over.
     """
     described = carried.state["device"]
-    if described["kind"] == "sim":
-        if bdf is not None:
-            raise HandoverError("the stored state is of the simulated device, not a real one")
-        device = fresh()
-        if not isinstance(device, SimDevice):
-            device.close()
-            raise HandoverError("the stored state is of the simulated device, not a real one")
-        active = described["state"]["active"]
-        fds = {
-            vector: efd.fileno()
-            for (index, vector), efd in carried.eventfds.items()
-            if active is not None and index == active
-        }
-        try:
-            device.import_state(described["state"], fds)
-        except BaseException:
-            device.close()
-            raise
-        return device
-    from irqd.device.vfio import VfioDevice  # noqa: PLC0415  only real devices need it
-
-    if bdf is None:
+    backend = _backend(described["kind"])
+    if backend is SimDevice and bdf is not None:
+        raise HandoverError("the stored state is of the simulated device, not a real one")
+    if backend is not SimDevice and bdf is None:
         raise HandoverError("the stored state is of a real device; the simulation is configured")
-    held = carried.device_fds
+    stored = StoredDevice(
+        configured=bdf,
+        state=described.get("state"),
+        fds=carried.device_fds,
+        eventfds={key: efd.fileno() for key, efd in carried.eventfds.items()},
+    )
     carried.device_fds = {}
-    # Owns ``held`` from here: closes them if they cannot be adopted.
-    return VfioDevice.adopt(bdf, held, described.get("state"))
+    return backend.adopt_stored(stored, fresh)

@@ -33,6 +33,7 @@ from irqd.process.fdstore import (
     LISTENER_NAME,
     STATE_NAME,
     STORED_PREFIXES,
+    Carried,
     HandoverError,
     adopt_device,
     stored_names,
@@ -105,8 +106,8 @@ def describe(config: ServerConfig, daemon: Daemon) -> dict[str, Any]:
         "msix_vectors": msix.count,
         "msix_noresize": msix.noresize,
         "msix_strategy": str(daemon.table.msix_strategy),
-        "native_dispatch": daemon.dispatcher.native,
-        "hot_loop": "python" if daemon.native is None else "native",
+        "native_dispatch": daemon.own_loop.dispatcher.native,
+        "hot_loop": daemon.hot.name,
     }
 
 
@@ -115,14 +116,24 @@ def running_daemon(
     config: ServerConfig,
     device: Device | None = None,
     events: dict[IrqIndex, EventFd] | None = None,
+    *,
+    notifier: Notifier | None = None,
+    socket_path: Path | None = None,
 ) -> Iterator[Daemon]:
     """A ``Daemon`` whose device and fds are released however the block ends.
 
     ``events``: REQ/ERR eventfds carried over by a hand-over (owned from now on).
+    ``socket_path``: the socket file this process removes when it stops.
     """
     device = device if device is not None else open_device(config)
     try:
-        daemon = Daemon(config, device, carried_events=dict(events or {}))
+        daemon = Daemon(
+            config,
+            device,
+            carried_events=dict(events or {}),
+            notifier=notifier if notifier is not None else Notifier(None),
+            socket_path=socket_path,
+        )
     except BaseException:
         for efd in (events or {}).values():
             efd.close()
@@ -132,6 +143,30 @@ def running_daemon(
         yield daemon
     finally:
         daemon.close()
+
+
+def _open_uevents(stack: contextlib.ExitStack, config: ServerConfig) -> UeventSource | None:
+    """Kernel uevents for a real device (closed with ``stack``), where they can be had."""
+    if config.device is None:
+        return None
+    try:
+        return stack.enter_context(open_uevent_source())
+    except Exception as exc:  # pyroute2's NetlinkError is not an OSError
+        if config.wait_for_device:
+            raise ConfigError(f"--wait needs kernel uevents: {exc}") from exc
+        log.warning("uevent.unavailable", error=str(exc), note="removal is seen by REQ")
+        return None
+
+
+def _adopt(carried: Carried, config: ServerConfig) -> tuple[Device | None, Carried | None]:
+    """The device a previous process stored, with what it carried; ``(None, None)``
+    (logged, ``carried`` closed) when it cannot be adopted: start afresh then."""
+    try:
+        return adopt_device(carried, lambda: open_device(config), config.device), carried
+    except (HandoverError, ValueError, KeyError, TypeError, OSError) as exc:
+        log.error("handover.adopt_failed", error=str(exc), note="starting afresh")
+        carried.close()
+        return None, None
 
 
 def _from_store(name: str) -> bool:
@@ -146,11 +181,7 @@ async def _watch_device(daemon: Daemon, source: UeventSource, bdf: str) -> None:
         if reason is None:
             continue
         log.warning("device.gone", device=bdf, reason=reason, uevent=event.action)
-        gone = getattr(daemon.events, "device_gone", None)
-        if callable(gone):
-            gone(reason)
-        else:
-            daemon.events.lost.set()
+        daemon.events.device_gone(reason)
         return
 
 
@@ -186,21 +217,10 @@ async def serve(
         if owns_path:
             # Not after a hand-over: the next process serves on this very file.
             stack.callback(_unlink_unless, config.socket_path, lambda: handed_over)
-        source = None
-        if config.device is not None:
-            try:
-                source = stack.enter_context(open_uevent_source())
-            except Exception as exc:  # pyroute2's NetlinkError is not an OSError
-                if config.wait_for_device:
-                    raise ConfigError(f"--wait needs kernel uevents: {exc}") from exc
-                log.warning("uevent.unavailable", error=str(exc), note="removal is seen by REQ")
+        source = _open_uevents(stack, config)
         if carried is not None:
-            try:
-                device = adopt_device(carried, lambda: open_device(config), config.device)
-            except (HandoverError, ValueError, KeyError, TypeError, OSError) as exc:
-                log.error("handover.adopt_failed", error=str(exc), note="starting afresh")
-                carried.close()
-                carried = None
+            adopted, carried = _adopt(carried, config)
+            device = adopted if adopted is not None else device
         if device is None and config.wait_for_device and config.device is not None:
             assert source is not None
             notifier.status(f"waiting for {config.device} to be bound to vfio-pci")
@@ -209,9 +229,10 @@ async def serve(
         if left:
             log.warning("activation.unused_fds", names=left)
         events = carried.events if carried is not None else None
-        with running_daemon(config, device, events) as daemon:
-            daemon.notifier = notifier
-            daemon.socket_path = config.socket_path if owns_path else None
+        socket_path = config.socket_path if owns_path else None
+        with running_daemon(
+            config, device, events, notifier=notifier, socket_path=socket_path
+        ) as daemon:
             if carried is not None:
                 daemon.adopt(carried.state, carried.eventfds, carried.clients)
             for name in stored:
@@ -245,10 +266,10 @@ async def _serve_until_signalled(
                 nursery.start_soon(_watch_device, daemon, source, config.device)
             # The device is open and the socket listens: now, and only now, ready.
             notifier.ready(daemon.status_line())
-            nursery.start_soon(daemon.status_loop)
+            nursery.start_soon(daemon.status.status_loop)
             interval = watchdog_interval()
             if interval is not None:
-                nursery.start_soon(daemon.watchdog_loop, interval / 2)
+                nursery.start_soon(daemon.status.watchdog_loop, interval / 2)
             log.info("daemon.ready", **describe(config, daemon), adopted=adopted)
             task_status.started(daemon)
             async for signum in signals:

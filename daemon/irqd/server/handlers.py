@@ -29,14 +29,12 @@ import structlog
 
 from irqd import __version__
 from irqd.config import ServerConfig
-from irqd.device.base import Device, IrqIndex
-from irqd.device.sim import SimDevice
+from irqd.device.base import Device, IrqIndex, Unsupported
 from irqd.errors import EACCES, EINVAL, EIO, ENOSPC, ENOSYS, ConfigError, IrqdError
-from irqd.hotpath.dispatcher import Dispatcher
-from irqd.hotpath.native import NativeVectors
 from irqd.hotpath.session import Session
 from irqd.limits import ServerLimits
 from irqd.policy import AccessPolicy, Action
+from irqd.server.broker import Broker
 from irqd.server.vectors import VectorTable
 from irqd.stats import LatencyHistogram
 from irqproto import methods as m
@@ -79,11 +77,10 @@ class Handlers:
 
     device: Device
     table: VectorTable
-    dispatcher: Dispatcher
     latency: LatencyHistogram
     sessions: Callable[[], list[Session]]
-    #: The native hot loop, when it forwards interrupts instead of the dispatcher.
-    native: NativeVectors | None = None
+    #: ``stats``' ``dispatch`` map (``HotLoop.dispatch_stats``).
+    dispatch_stats: Callable[[], dict[str, Any]]
     started: float = field(default_factory=time.monotonic)
     #: Who may do what; the server sets these from its config before each request.
     policy: AccessPolicy = field(default_factory=AccessPolicy)
@@ -92,6 +89,11 @@ class Handlers:
     socket_gid: int | None = None
     #: The config object ``policy`` and ``limits`` were taken from.
     settings_from: object | None = None
+    #: Device access and DMA memory (``device.*``, ``dma.*``); made from device and table.
+    broker: Broker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.broker = Broker(self.device, self.table)
 
     def apply_config(self, config: ServerConfig, *, strict: bool = False) -> None:
         """Take the policy and limits from ``config`` (at start-up and on reload).
@@ -144,6 +146,23 @@ class Handlers:
             # Writable eventfds let their holder raise interrupts: trigger's right.
             self._check(session, Action.TRIGGER, params.index, params.vectors)
             return self.sim_eventfds(_index(params.index), params.vectors)
+        if isinstance(params, m.DeviceRegionsParams):
+            return Reply(self.broker.regions())
+        if isinstance(params, m.DeviceOpenParams):
+            self._check(session, Action.DRIVE)
+            result, fd = self.broker.open_device(session)
+            return Reply(result, [fd])
+        if isinstance(params, m.DeviceResetParams):
+            self._check(session, Action.DRIVE)
+            return Reply(self.broker.reset(session))
+        if isinstance(params, m.DmaAllocParams):
+            self._check(session, Action.DMA)
+            result, fd = self.broker.alloc(session, params, self.limits)
+            return Reply(result, [fd])
+        if isinstance(params, m.DmaFreeParams):
+            self._check(session, Action.DMA)
+            self.broker.free(session, params.id)
+            return Reply({})
         raise IrqdError(ENOSYS, f"{method} is not implemented by this server")
 
     def _check(
@@ -189,11 +208,12 @@ class Handlers:
         }
 
     def sim_eventfds(self, index: IrqIndex, vectors: tuple[int, ...]) -> Reply:
-        if not isinstance(self.device, SimDevice):
-            raise IrqdError(EINVAL, "sim.eventfds exists only on the simulated device")
         assigned = []
         for vector in vectors:
-            fd = self.device.assigned_fd(index, vector)
+            try:
+                fd = self.device.assigned_fd(index, vector)
+            except Unsupported as exc:
+                raise IrqdError(EINVAL, str(exc)) from None
             if fd is None:
                 raise IrqdError(
                     EINVAL,
@@ -217,7 +237,7 @@ class Handlers:
                 "vector": v.number,
                 "count": self.table.total_of(v),
                 "subscribers": len(v.subscribers),
-                "claimed_by": getattr(v.claimed_by, "id", None),
+                "claimed_by": None if v.claimed_by is None else v.claimed_by.id,
             }
             for v in self.table.vectors()
         ]
@@ -232,28 +252,20 @@ class Handlers:
                 ],
                 "claims": [[index.wire_name, number] for index, number in self.table.claims(s)],
                 "pending": s.pending_total(),
+                "dma_bytes": self.broker.client_bytes(s),
                 "delivered": s.delivered,
             }
             for s in sessions
         ]
-        dstats = self.dispatcher.stats
-        dispatch: dict[str, Any] = {
-            "rounds": dstats.rounds,
-            "events": dstats.events,
-            "native": self.dispatcher.native,
-            "hot_loop": "python",
-        }
-        if self.native is not None:
-            # The Trio dispatcher then polls only the daemon's own eventfds.
-            dispatch.update(hot_loop="native", hot_rounds=self.native.rounds)
         return {
             "vectors": vectors,
             "clients": clients,
-            "dispatch": dispatch,
+            "dispatch": self.dispatch_stats(),
             "latency_us": self.latency.as_wire(),
             "host_vectors": self.table.host_vectors(),
             "msix_strategy": str(self.table.msix_strategy),
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "dma": self.broker.totals(),
         }
 
 

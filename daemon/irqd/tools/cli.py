@@ -28,12 +28,11 @@ from irqd.config import (
     SOCKET_ENV,
     HotLoop,
     MsixStrategy,
-    ServerConfig,
-    SimConfig,
     default_socket_path,
 )
 from irqd.configfile import ConfigFileError, FileSettings, default_config_path, load_settings
 from irqd.logsetup import FORMATS, LEVELS, configure_logging
+from irqd.settings import Flags, SettingsError, resolve
 from irqd.tools.firing import fire
 from irqd.tools.render import INDEXES, format_irq, format_ranges, render_status
 from irqproto.blocking import Client
@@ -218,6 +217,14 @@ def _add_serve(commands: Any) -> None:
         ),
     )
     _add_socket(serve, with_device=False)
+    _add_serve_device(serve)
+    _add_serve_msix(serve)
+    _add_serve_service(serve)
+    serve.set_defaults(func=cmd_serve, parser=serve)
+
+
+def _add_serve_device(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s device options: which device, and the simulated one's shape."""
     device = serve.add_argument_group("device")
     which = device.add_mutually_exclusive_group()
     which.add_argument(
@@ -244,6 +251,10 @@ def _add_serve(commands: Any) -> None:
         type=_int_range(1, MAX_MSI_VECTORS),
         help=f"MSI vectors of the simulated device, 1..{MAX_MSI_VECTORS} (default 1)",
     )
+
+
+def _add_serve_msix(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s MSI-X options: the strategy and the pre-armed range."""
     msix = serve.add_argument_group("MSI-X")
     msix.add_argument(
         "--msix-strategy",
@@ -257,6 +268,10 @@ def _add_serve(commands: Any) -> None:
         type=_int_range(1, MAX_MSIX_VECTORS),
         help="vectors to enable up front with the prearm strategy (default: the table, up to 64)",
     )
+
+
+def _add_serve_service(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s service options: hot loop, socket mode, logging, config file, wait."""
     svc = serve.add_argument_group("service")
     svc.add_argument(
         "--hot-loop",
@@ -289,7 +304,6 @@ def _add_serve(commands: Any) -> None:
         default=None,
         help="wait until --device is bound to vfio-pci, then open it",
     )
-    serve.set_defaults(func=cmd_serve, parser=serve)
 
 
 def _add_watch(commands: Any) -> None:
@@ -472,85 +486,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """``serve``: merge flags over the config file, validate, configure logging, run.
 
     A flag given on the command line wins over the file, the file over the
-    built-in default.
+    built-in default (``irqd.settings.resolve``).
     """
     parser: argparse.ArgumentParser = args.parser
     file = _file_settings(args)
-
-    def pick(flag_value: _T | None, file_value: _T | None, default: _T) -> _T:
-        if flag_value is not None:
-            return flag_value
-        return file_value if file_value is not None else default
-
-    given = {
-        name
-        for name, value in (
-            ("device", args.device),
-            ("socket_path", args.socket),
-            ("socket_mode", args.socket_mode),
-            ("msix_strategy", args.msix_strategy),
-            ("msix_prearm", args.msix_prearm),
-            ("hot_loop", args.hot_loop),
-            ("log_level", args.log_level),
-            ("log_format", args.log_format),
-        )
-        if value is not None
-    }
-    device = args.device if args.device is not None or args.sim else file.device
-    sim_flags = [
-        flag
-        for flag, value in (
-            ("--sim-vectors", args.sim_vectors),
-            ("--sim-noresize", args.sim_noresize),
-            ("--sim-msi-vectors", args.sim_msi_vectors),
-        )
-        if value is not None
-    ]
-    strategy = MsixStrategy(pick(args.msix_strategy, file.msix_strategy, MsixStrategy.AUTO.value))
-    prearm = pick(args.msix_prearm, file.msix_prearm, None)
-    if device is not None and sim_flags:
-        parser.error(f"{', '.join(sim_flags)}: only for the simulated device, not with --device")
-    if args.wait and device is None:
-        parser.error("--wait: waits for a real device to be bound to vfio-pci; give --device")
-    if prearm is not None and strategy not in (MsixStrategy.AUTO, MsixStrategy.PREARM):
-        parser.error(
-            f"--msix-prearm only applies to --msix-strategy auto or prearm, not {strategy}"
-        )
-    sim = SimConfig(
-        msix_vectors=pick(args.sim_vectors, file.sim_vectors, SimConfig.msix_vectors),
-        noresize=pick(args.sim_noresize, file.sim_noresize, SimConfig.noresize),
-        msi_vectors=pick(args.sim_msi_vectors, file.sim_msi_vectors, SimConfig.msi_vectors),
+    flags = Flags(
+        device=args.device,
+        sim=bool(args.sim),
+        wait=args.wait,
+        socket_path=args.socket,
+        socket_mode=args.socket_mode,
+        msix_strategy=None if args.msix_strategy is None else MsixStrategy(args.msix_strategy),
+        msix_prearm=args.msix_prearm,
+        hot_loop=None if args.hot_loop is None else HotLoop(args.hot_loop),
+        sim_vectors=args.sim_vectors,
+        sim_noresize=args.sim_noresize,
+        sim_msi_vectors=args.sim_msi_vectors,
+        log_level=args.log_level,
+        log_format=args.log_format,
     )
-    if device is None:
-        if prearm is not None and prearm > sim.msix_vectors:
-            parser.error(
-                f"--msix-prearm {prearm} exceeds the MSI-X table (--sim-vectors {sim.msix_vectors})"
-            )
-        if strategy is MsixStrategy.DYNAMIC and sim.noresize:
-            parser.error(
-                "--msix-strategy dynamic needs a kernel without NORESIZE, and --sim-noresize "
-                "models one with it; use auto, prearm or grow"
-            )
-
-    socket_file = Path(args.socket) if args.socket is not None else file.socket_path
-    config = ServerConfig(
-        socket_path=socket_file
-        if socket_file is not None
-        else default_socket_path(device or "sim"),
-        device=device,
-        sim=sim,
-        msix_strategy=strategy,
-        msix_prearm=prearm,
-        socket_mode=pick(args.socket_mode, file.socket_mode, 0o660),
-        config_path=file.path,
-        log_level=pick(args.log_level, file.log_level, "info"),
-        log_format=pick(args.log_format, file.log_format, "auto"),
-        server_limits=file.server_limits,
-        access_policy=file.access_policy,
-        wait_for_device=bool(args.wait or file.wait),
-        hot_loop=HotLoop(pick(args.hot_loop, file.hot_loop, HotLoop.AUTO.value)),
-        cli_fixed=frozenset(given),
-    )
+    try:
+        config = resolve(flags, file)
+    except SettingsError as exc:
+        parser.error(str(exc))
     configure_logging(config.log_level, config.log_format)
     # Imported here, not at the top: the server pulls in Trio and the device
     # backends, which the client commands and --help have no use for.
@@ -591,45 +549,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     break
                 except (Disconnected, ConnectionError, EOFError):
                     raise CliError("the daemon closed the connection") from None
-                if isinstance(note, IrqNotification):
-                    for vector, count in note.counts:
-                        totals[vector] = totals.get(vector, 0) + count
-                        seen += count
-                    say(
-                        format_irq(note.index, note.counts, totals),
-                        {
-                            "event": "irq",
-                            "index": note.index,
-                            "vectors": [
-                                {"vector": v, "count": n, "total": totals[v]}
-                                for v, n in note.counts
-                            ],
-                        },
-                    )
-                elif isinstance(note, ResizedNotification):
-                    loss = "; interrupts may have been lost" if note.possible_loss else ""
-                    say(
-                        f"resized {note.index}: now {format_ranges(note.vectors)}{loss}",
-                        {
-                            "event": "resized",
-                            "index": note.index,
-                            "vectors": list(note.vectors),
-                            "possible_loss": note.possible_loss,
-                        },
-                    )
-                elif isinstance(note, ShutdownNotification):
-                    say(f"shutdown: {note.reason}", {"event": "shutdown", "reason": note.reason})
-                    return 0
-                elif isinstance(note, DeviceLostNotification):
-                    say(
-                        f"device_lost: {note.reason}",
-                        {"event": "device_lost", "reason": note.reason},
-                    )
-                    return 1
-                else:  # a notification newer than this client: show it, keep going
-                    name = getattr(note, "method", type(note).__name__)
-                    params = list(getattr(note, "params", ()))
-                    say(f"{name} {params!r}", {"event": str(name), "params": params})
+                counted, status = _show_notification(note, say, totals)
+                seen += counted
+                if status is not None:
+                    return status
             if args.count is not None and seen < args.count:
                 raise CliError(
                     f"timed out after {args.timeout:g} s with {seen} of {args.count} interrupts"
@@ -645,6 +568,53 @@ def cmd_watch(args: argparse.Namespace) -> int:
         return 0
 
 
+def _show_notification(
+    note: object, say: Callable[[str, dict[str, Any]], None], totals: dict[int, int]
+) -> tuple[int, int | None]:
+    """Print one notification for ``watch``; ``totals`` counts interrupts per vector.
+
+    Returns the interrupts it carried and, for one that ends the watch
+    (``shutdown``, ``device_lost``), the exit status.
+    """
+    if isinstance(note, IrqNotification):
+        seen = 0
+        for vector, count in note.counts:
+            totals[vector] = totals.get(vector, 0) + count
+            seen += count
+        say(
+            format_irq(note.index, note.counts, totals),
+            {
+                "event": "irq",
+                "index": note.index,
+                "vectors": [{"vector": v, "count": n, "total": totals[v]} for v, n in note.counts],
+            },
+        )
+        return seen, None
+    if isinstance(note, ResizedNotification):
+        loss = "; interrupts may have been lost" if note.possible_loss else ""
+        say(
+            f"resized {note.index}: now {format_ranges(note.vectors)}{loss}",
+            {
+                "event": "resized",
+                "index": note.index,
+                "vectors": list(note.vectors),
+                "possible_loss": note.possible_loss,
+            },
+        )
+        return 0, None
+    if isinstance(note, ShutdownNotification):
+        say(f"shutdown: {note.reason}", {"event": "shutdown", "reason": note.reason})
+        return 0, 0
+    if isinstance(note, DeviceLostNotification):
+        say(f"device_lost: {note.reason}", {"event": "device_lost", "reason": note.reason})
+        return 0, 1
+    # A notification newer than this client: show it, keep going.
+    name = getattr(note, "method", type(note).__name__)
+    params = list(getattr(note, "params", ()))
+    say(f"{name} {params!r}", {"event": str(name), "params": params})
+    return 0, None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """``status``: ``device.info`` and ``stats`` as tables or JSON."""
 
@@ -652,7 +622,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         with _connected(args, "status") as client:
             info = client.device_info()
             stats = client.stats()
-            hello = client.server_info or {}
+            hello: dict[str, Any] = dict(client.server_info or {})
         if args.json:
             # The shape is documented in docs/cli.md: the protocol's device.info
             # and stats results unchanged, so their keys are as stable as the
@@ -676,7 +646,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             }
             _emit(sys.stdout, json.dumps(report, indent=2, sort_keys=True))
         else:
-            _emit(sys.stdout, render_status(info, stats))
+            _emit(sys.stdout, render_status(dict(info), dict(stats)))
         return 0
 
     return _run_client(run)
@@ -821,7 +791,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         with _connected(args, "top") as client:
 
             def fetch() -> Sample:
-                return Sample(time.monotonic(), client.device_info(), client.stats())
+                return Sample(time.monotonic(), dict(client.device_info()), dict(client.stats()))
 
             if args.once:
                 # Two readings one interval apart: a frame without rates would

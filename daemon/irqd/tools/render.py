@@ -40,6 +40,32 @@ def format_ranges(numbers: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+def format_bytes(size: int) -> str:
+    """A byte count as people read it: ``0``, ``4 KiB``, ``1.5 MiB``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} B" if size else "0"
+
+
+def format_dma(dma: dict[str, Any]) -> str:
+    """``stats.dma``: the bytes mapped for DMA and in how many buffers."""
+    mappings = int(dma.get("mappings", 0))
+    plural = "" if mappings == 1 else "s"
+    return f"{format_bytes(int(dma.get('bytes', 0)))} mapped in {mappings} buffer{plural}"
+
+
+def client_dma(client: dict[str, Any]) -> str:
+    """``   dma 8 KiB`` for a client that holds DMA memory, else nothing."""
+    held = client.get("dma_bytes")
+    return f"   dma {format_bytes(int(held))}" if held else ""
+
+
+def _dma_lines(stats: dict[str, Any]) -> list[str]:
+    dma = stats.get("dma")
+    return [f"dma       {format_dma(dma)}"] if isinstance(dma, dict) else []
+
+
 def format_irq(index: str, counts: Sequence[tuple[int, int]], totals: dict[int, int]) -> str:
     """``msix  v0 +3 (total 12)  v2 +1 (total 4)``; ``totals`` already includes ``counts``."""
     cells = [f"v{vector} +{count} (total {totals.get(vector, count)})" for vector, count in counts]
@@ -71,6 +97,18 @@ def _table(
 
 def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
     """The human ``status`` report for a ``device.info`` and a ``stats`` result."""
+    lines = [
+        *_header_lines(info, stats),
+        *_index_lines(info),
+        *_vector_lines(stats),
+        *_client_lines(stats),
+        *_dispatch_lines(stats),
+    ]
+    return "\n".join(lines)
+
+
+def _header_lines(info: dict[str, Any], stats: dict[str, Any]) -> list[str]:
+    """The device, its uptime, the MSI-X strategy, host vectors and DMA figures."""
     lines: list[str] = []
     uptime = stats.get("uptime_s")
     up = f"   up {uptime:.1f} s" if isinstance(uptime, (int, float)) else ""
@@ -78,9 +116,14 @@ def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
     strategy = info.get("msix_strategy", stats.get("msix_strategy", "?"))
     host = stats.get("host_vectors") or {}
     host_text = ", ".join(f"{k} {v}" for k, v in sorted(host.items())) or "-"
-    lines.append(f"msix      strategy {strategy}   host vectors: {host_text}")
+    lines += [f"msix      strategy {strategy}   host vectors: {host_text}", *_dma_lines(stats)]
     lines.append("")
+    return lines
 
+
+def _index_lines(info: dict[str, Any]) -> list[str]:
+    """The interrupt indexes table."""
+    lines: list[str] = []
     rows = []
     for index in INDEXES:
         entry = info.get(index)
@@ -100,7 +143,12 @@ def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
     lines.append("interrupt indexes")
     lines += _table(["index", "count", "flags", "resize", "active", "enabled"], rows)
     lines.append("")
+    return lines
 
+
+def _vector_lines(stats: dict[str, Any]) -> list[str]:
+    """The enabled vectors table."""
+    lines: list[str] = []
     vectors = stats.get("vectors", [])
     lines.append("vectors")
     if vectors:
@@ -111,7 +159,12 @@ def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
     else:
         lines.append("  (none enabled)")
     lines.append("")
+    return lines
 
+
+def _client_lines(stats: dict[str, Any]) -> list[str]:
+    """The clients table (without the connection reading the stats)."""
+    lines: list[str] = []
     # Leave out the connection this very command is reading stats over.
     clients = [c for c in stats.get("clients", []) if c.get("pid") != os.getpid()]
     lines.append("clients")
@@ -121,7 +174,9 @@ def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
             by_index: dict[str, list[int]] = {}
             for index, number in c.get("vectors", []):
                 by_index.setdefault(index, []).append(number)
-            subs = " ".join(f"{i} {format_ranges(ns)}" for i, ns in by_index.items()) or "-"
+            subs = (
+                " ".join(f"{i} {format_ranges(ns)}" for i, ns in by_index.items()) or "-"
+            ) + client_dma(c)
             rows.append(
                 [
                     c.get("id", "?"),
@@ -137,7 +192,12 @@ def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
     else:
         lines.append("  (none)")
     lines.append("")
+    return lines
 
+
+def _dispatch_lines(stats: dict[str, Any]) -> list[str]:
+    """The hot loop, the dispatcher and the delivery latency."""
+    lines: list[str] = []
     dispatch = stats.get("dispatch", {})
     hot_loop = dispatch.get("hot_loop", "python")
     lines.append(
@@ -159,4 +219,4 @@ def render_status(info: dict[str, Any], stats: dict[str, Any]) -> str:
         lines.append(f"latency   deliveries {total}   " + "   ".join(marks))
     else:
         lines.append("latency   no deliveries yet")
-    return "\n".join(lines)
+    return lines

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from irqd.stats import bucket_percentile
-from irqd.tools.render import INDEXES, format_ranges
+from irqd.tools.render import INDEXES, client_dma, format_dma, format_ranges
 
 __all__ = [
     "Frame",
@@ -190,6 +190,9 @@ def _header(
         f"msix strategy {strategy}   table {msix.get('count', '?')} ({kind})   "
         f"host vectors allocated: {host_text or 'none'}"
     )
+    dma = stats.get("dma")
+    if isinstance(dma, dict):
+        strategy_line += f"   dma {format_dma(dma)}"
 
     total = sum(int(v["count"]) for v in stats.get("vectors", []))
     overall = _fmt_rate(sum(rates.values())) if previous is not None else "-"
@@ -238,7 +241,7 @@ def _client_table(clients: Sequence[dict[str, Any]], delivery: dict[int, float])
             str(c.get("pending", 0)),
             str(c.get("delivered", 0)),
             _fmt_rate(delivery.get(c["id"])) if "id" in c else "-",
-            _subscriptions(c.get("vectors", [])),
+            _subscriptions(c.get("vectors", [])) + client_dma(c),
         ]
         for c in clients
     ]

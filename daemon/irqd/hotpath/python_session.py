@@ -1,0 +1,203 @@
+"""A client session served by the Python hot loop: counters in Python, written by Trio.
+
+The Python hot loop (irqd.hotpath.python) adds each count it reads to the
+session's per-vector counter and wakes the session's sender task, which turns
+everything pending into one ``irq`` notification per index when the socket
+can take it: the dispatcher only ever increments and sets an event.
+
+Every byte (responses, notifications, ``irq`` counts) goes through
+``_send_locked`` under the session's one lock, and pending counts are only
+taken while holding it, so ``respond`` writes them ahead of the response.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from irqd.device.base import IrqIndex
+from irqd.hotpath.session import (
+    SCM_MAX_FD,
+    PeerCredentials,
+    Session,
+    SessionOutput,
+    encode_counts,
+    encode_notification,
+)
+from irqd.stats import LatencyHistogram
+from irqproto.notifications import ResizedNotification, TypedNotification
+
+
+class PythonSession(Session):
+    """:class:`Session` whose counters and output queue live in Python."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        session_id: int,
+        peer: PeerCredentials,
+        latency: LatencyHistogram,
+    ) -> None:
+        super().__init__(sock, session_id, peer, latency)
+        self._delivered = 0
+        self._notifications = 0
+        self._pending: dict[IrqIndex, dict[int, int]] = {}
+        self._pending_since_ns = 0
+        self._resized: dict[IrqIndex, tuple[set[int], bool]] = {}
+        self._outbox: list[bytes] = []
+        self._wake = trio.Event()
+
+    @classmethod
+    def from_state(
+        cls, sock: trio.socket.SocketType, state: dict[str, Any], latency: LatencyHistogram
+    ) -> PythonSession:
+        """The session ``export_state`` described, on its adopted socket."""
+        session = cls(sock, int(state["id"]), PeerCredentials.of(sock), latency)
+        session.restore(state)
+        return session
+
+    @property
+    def delivered(self) -> int:
+        return self._delivered
+
+    @property
+    def notifications(self) -> int:
+        return self._notifications
+
+    # -- called synchronously by the table and the dispatcher --------------------
+
+    def add_pending(self, index: IrqIndex, vector: int, count: int) -> None:
+        """Credit interrupts; coalesces with whatever is still unsent."""
+        per_index = self._pending.get(index)
+        if per_index is None:
+            per_index = self._pending[index] = {}
+        if not self._pending_since_ns:
+            self._pending_since_ns = time.perf_counter_ns()
+        per_index[vector] = per_index.get(vector, 0) + count
+        self._wake.set()
+
+    def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
+        """Queue a ``resized`` notification; several coalesce into one per index."""
+        known, loss = self._resized.get(index, (set(), False))
+        known.update(vectors)
+        self._resized[index] = (known, loss or possible_loss)
+        self._wake.set()
+
+    def post(self, notification: TypedNotification) -> None:
+        """Queue a control notification (``shutdown``, ``device_lost``)."""
+        self._outbox.append(encode_notification(notification))
+        self._wake.set()
+
+    def pending_counters(self) -> int:
+        """How many (index, vector) counters are waiting: the memory a slow client costs."""
+        return sum(len(per) for per in self._pending.values())
+
+    def pending_total(self) -> int:
+        """Interrupts credited but not yet written to the socket."""
+        return sum(sum(per.values()) for per in self._pending.values())
+
+    # -- the output path -----------------------------------------------------------------
+
+    async def run_sender(self) -> None:
+        """Write pending notifications whenever there are some, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            async with self._lock:
+                await self._send_locked(b"")
+
+    async def respond(self, response: bytes, fds: Sequence[int] = ()) -> None:
+        """Write a response, after everything pending; ``fds`` ride on its first byte."""
+        async with self._lock:
+            await self._send_locked(response, fds)
+
+    async def flush(self) -> None:
+        """Write whatever is pending now."""
+        async with self._lock:
+            await self._send_locked(b"")
+
+    def close_output(self) -> None:
+        """Nothing to let go of: the counters die with the session."""
+
+    async def _send_locked(self, tail: bytes, fds: Sequence[int] = ()) -> None:
+        since_ns = self._pending_since_ns
+        self._pending_since_ns = 0
+        head = self._take_pending()
+        if head:
+            await self._sendall(head)
+            if since_ns:
+                self.latency.record_ns(time.perf_counter_ns() - since_ns)
+        if tail:
+            await self._sendall(tail, fds)
+
+    def _take_posted(self) -> list[bytes]:
+        """Queued control notifications and ``resized``, taken for writing."""
+        parts = self._outbox
+        self._outbox = []
+        for index, (vectors, loss) in self._resized.items():
+            resized = ResizedNotification(index.wire_name, tuple(sorted(vectors)), loss)
+            parts.append(encode_notification(resized))
+        self._resized = {}
+        return parts
+
+    def _take_pending(self) -> bytes:
+        parts = self._take_posted()
+        pending = self._pending
+        if pending:
+            self._pending = {}
+            for index in sorted(pending):
+                counts = pending[index]
+                self._delivered += sum(counts.values())
+                parts.append(encode_counts(index, counts))
+        if not parts:
+            return b""
+        self._notifications += len(parts)
+        return b"".join(parts)
+
+    async def _sendall(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        view = memoryview(data)
+        pending_fds = list(fds)
+        while pending_fds:
+            # The kernel takes at most SCM_MAX_FD (253) fds per message, and each
+            # batch needs at least one byte to ride on: the client collects fds
+            # in order and matches them with the response's vector list.
+            batch, pending_fds = pending_fds[:SCM_MAX_FD], pending_fds[SCM_MAX_FD:]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch).tobytes())]
+            chunk = view[:1] if pending_fds else view
+            sent = await self.sock.sendmsg([chunk], rights)
+            view = view[sent:]
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    # -- restart without disconnecting (irqd.process.fdstore) ------------------------------
+
+    def export_output(self) -> SessionOutput:
+        """Pending counts, ``resized`` and queued notifications, as they are (output held)."""
+        return SessionOutput(
+            pending=[
+                (index, vector, count)
+                for index, counts in self._pending.items()
+                for vector, count in counts.items()
+            ],
+            resized=[
+                (index, sorted(vectors), loss) for index, (vectors, loss) in self._resized.items()
+            ],
+            outbox=list(self._outbox),
+        )
+
+    def restore_output(self, outbox: list[bytes]) -> None:
+        """Queue what the previous process left unsent, ahead of anything else."""
+        self._outbox.extend(outbox)
+        if self._outbox:
+            self._wake.set()
+
+    def restore_counters(self, delivered: int, notifications: int) -> None:
+        """Take over what the previous process had delivered and written."""
+        self._delivered = delivered
+        self._notifications = notifications
