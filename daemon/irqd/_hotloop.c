@@ -11,9 +11,9 @@
  *   [2, "irq", [index_name, [v1, n1, v2, n2, ...]]]   (msgpack)
  *
  * Python (Trio, on the main thread) is the control plane: it registers
- * vectors and clients, changes subscriptions, and sends every response and
- * control notification through send(), which keeps each client's byte stream
- * in order with the counts.
+ * vectors and clients, changes subscriptions, sends every response through
+ * send() and holds control notifications with hold_control(), both of which
+ * keep each client's byte stream in order with the counts.
  *
  * Thread safety
  * -------------
@@ -81,6 +81,15 @@
  * slow or dead client never delays the others; a write error is recorded,
  * the client's queue and pending counts are discarded, it is credited no
  * more, and Python gets the errno as OSError from its next send()/flush().
+ *
+ * Control notifications (err, resized, shutdown, device_lost) are not
+ * queued but held: each client has one control buffer that Python replaces
+ * as a whole (hold_control(); Python coalesces what it holds), and the bytes
+ * in it go into the queue just ahead of the next encoded counts, whenever
+ * those would be encoded (the queue empty, or send()). So a client that
+ * does not read costs one control buffer besides its counters, and a control
+ * notification still reaches it before every count credited after it was
+ * held (a `resized` before the loopback trigger's count).
  *
  * Not fork-safe: a child of fork() has no hot thread and may inherit a
  * locked mutex. The daemon never forks while a HotLoop exists.
@@ -575,6 +584,11 @@ struct client {
     uint8_t dirty;  /* in HotLoop.dirty */
     uint8_t in_epoll;
     struct pending pend;
+    /* Held control notifications, whole messages, queued ahead of the next
+     * encoded counts: ctl_msgs of them in ctl[0..ctl_len). */
+    uint8_t *ctl;
+    size_t ctl_len;
+    uint64_t ctl_msgs;
     /* Output queue: out[start..end) holds stream bytes pos..pos+end-start. */
     uint8_t *out;
     size_t start, end, cap;
@@ -703,6 +717,16 @@ drop_output(struct client *c)
     c->lat_end = 0;
 }
 
+/* Forget the held control notifications. */
+static void
+ctl_drop(struct client *c)
+{
+    free(c->ctl);
+    c->ctl = NULL;
+    c->ctl_len = 0;
+    c->ctl_msgs = 0;
+}
+
 /* A write failed (or memory ran out): the client gets nothing more. */
 static void
 fail_client(HotLoop *hl, struct client *c, int err)
@@ -716,6 +740,7 @@ fail_client(HotLoop *hl, struct client *c, int err)
     c->marks = NULL;
     c->mcap = 0;
     pend_free(&c->pend);
+    ctl_drop(c);
     c->first_credit_ns = 0;
     epoll_forget(hl, c);
 }
@@ -800,12 +825,23 @@ note_encoded(struct client *c)
     }
 }
 
-/* Everything pending goes into the queue: one `irq` per index, indexes and
- * vectors ascending. -1 on ENOMEM (nothing changed). */
+/* Everything pending goes into the queue: the held control notifications,
+ * then one `irq` per index, indexes and vectors ascending. -1 on ENOMEM
+ * (the caller then fails the client). */
 static int
 encode_pending(HotLoop *hl, struct client *c)
 {
     struct pending *p = &c->pend;
+    if (c->ctl_len) {
+        uint8_t *w = out_reserve(c, c->ctl_len);
+        if (w == NULL) {
+            return -1;
+        }
+        memcpy(w, c->ctl, c->ctl_len);
+        c->end += c->ctl_len;
+        c->notifications = sat_add(c->notifications, c->ctl_msgs);
+        ctl_drop(c);
+    }
     if (p->n == 0) {
         return 0;
     }
@@ -945,7 +981,7 @@ client_service(HotLoop *hl, struct client *c)
 {
     while (!c->err) {
         if (c->start == c->end) {
-            if (c->pend.n == 0) {
+            if (c->pend.n == 0 && c->ctl_len == 0) {
                 return;
             }
             if (encode_pending(hl, c) < 0) {
@@ -1340,6 +1376,7 @@ free_state(HotLoop *hl)
         free(c->marks);
         free(c->out);
         pend_free(&c->pend);
+        free(c->ctl);
     }
     for (uint32_t i = 0; i < hl->nvslots; i++) {
         free(hl->vecs[i].subs);
@@ -1888,8 +1925,9 @@ unsubscribe_slot(struct vector *v, uint32_t slot)
 }
 
 PyDoc_STRVAR(remove_client_doc,
-             "remove_client(cid)\n\nForget a client: its subscriptions, pending counts and\n"
-             "queued output (dup'ed fds closed). Call before closing the socket.");
+             "remove_client(cid)\n\nForget a client: its subscriptions, pending counts, held\n"
+             "control notifications and queued output (dup'ed fds closed). Call before\n"
+             "closing the socket.");
 
 static PyObject *
 hl_remove_client(HotLoop *hl, PyObject *cid_arg)
@@ -1918,6 +1956,7 @@ hl_remove_client(HotLoop *hl, PyObject *cid_arg)
     free(c->marks);
     free(c->out);
     pend_free(&c->pend);
+    free(c->ctl);
     map_del(&hl->client_fds, (uint32_t)c->fd);
     *c = (struct client){0};
     hl->cfree[hl->ncfree++] = slot;
@@ -2099,8 +2138,9 @@ queue_data(struct client *c, const Py_buffer *data, int *dups, Py_ssize_t ndups)
 }
 
 PyDoc_STRVAR(send_doc,
-             "send(cid, data, fds=()) -> int\n\nQueue everything pending, then data (fds dup'ed\n"
-             "and sent with SCM_RIGHTS on its first bytes), and write what the socket takes.\n"
+             "send(cid, data, fds=()) -> int\n\nQueue everything pending (held control\n"
+             "notifications, then counts), then data (fds dup'ed and sent with SCM_RIGHTS on\n"
+             "its first bytes), and write what the socket takes.\n"
              "Returns the bytes still queued. OSError if the socket has failed.");
 
 static PyObject *
@@ -2182,8 +2222,67 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(hold_control_doc,
+             "hold_control(cid, data, count, replace=False) -> bool\n\n"
+             "Hold data (count whole control notifications) in place of what was held, to be\n"
+             "queued ahead of the next encoded counts. With replace, only if what was held\n"
+             "before is still held: False, and nothing held, if it was queued already.\n"
+             "Writes at once if the queue is empty. OSError if the socket has failed.");
+
+static PyObject *
+hl_hold_control(HotLoop *hl, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"cid", "data", "count", "replace", NULL};
+    PyObject *cid_arg;
+    Py_buffer data;
+    unsigned long long count;
+    int replace = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oy*K|p:hold_control", kwlist, &cid_arg, &data,
+                                     &count, &replace)) {
+        return NULL;
+    }
+    if (data.len == 0) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "nothing to hold");
+        return NULL;
+    }
+    /* Copied before the mutex is taken: it is held as briefly as possible. */
+    uint8_t *copy = malloc((size_t)data.len);
+    if (copy == NULL) {
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    memcpy(copy, data.buf, (size_t)data.len);
+    size_t len = (size_t)data.len;
+    PyBuffer_Release(&data);
+    struct client *c = begin_client(hl, cid_arg);
+    if (c == NULL) {
+        free(copy);
+        return NULL;
+    }
+    int err = c->err, held = 0;
+    if (!err && (!replace || c->ctl_len)) {
+        free(c->ctl);
+        c->ctl = copy;
+        c->ctl_len = len;
+        c->ctl_msgs = count;
+        copy = NULL;
+        held = 1;
+        if (c->start == c->end) {
+            client_service(hl, c);
+        }
+    }
+    hl_unlock(hl);
+    free(copy);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBool_FromLong(held);
+}
+
 /* The per-client operations that return a number. */
-enum client_query { Q_FLUSH, Q_QUEUED };
+enum client_query { Q_FLUSH, Q_QUEUED, Q_CONTROL };
 
 static PyObject *
 client_query(HotLoop *hl, PyObject *cid_arg, enum client_query q)
@@ -2196,7 +2295,7 @@ client_query(HotLoop *hl, PyObject *cid_arg, enum client_query q)
         client_service(hl, c);
     }
     int err = q == Q_FLUSH ? c->err : 0;
-    size_t queued = c->end - c->start;
+    size_t queued = q == Q_CONTROL ? (size_t)c->ctl_msgs : c->end - c->start;
     hl_unlock(hl);
     if (err) {
         errno = err;
@@ -2221,6 +2320,15 @@ static PyObject *
 hl_queued(HotLoop *hl, PyObject *cid_arg)
 {
     return client_query(hl, cid_arg, Q_QUEUED);
+}
+
+PyDoc_STRVAR(held_control_doc,
+             "held_control(cid) -> int\n\nControl notifications held (hold_control), not queued yet.");
+
+static PyObject *
+hl_held_control(HotLoop *hl, PyObject *cid_arg)
+{
+    return client_query(hl, cid_arg, Q_CONTROL);
 }
 
 PyDoc_STRVAR(client_stats_doc,
@@ -2283,8 +2391,9 @@ hl_take_pending(HotLoop *hl, PyObject *cid_arg)
 }
 
 PyDoc_STRVAR(take_output_doc,
-             "take_output(cid) -> bytes\n\nRemove and return the unsent queued bytes (a\n"
-             "hand-over). ValueError if dup'ed fds are still queued.");
+             "take_output(cid) -> bytes\n\nRemove and return the unsent queued bytes, then the\n"
+             "held control notifications (a hand-over). ValueError if dup'ed fds are still\n"
+             "queued.");
 
 static PyObject *
 hl_take_output(HotLoop *hl, PyObject *cid_arg)
@@ -2299,17 +2408,32 @@ hl_take_output(HotLoop *hl, PyObject *cid_arg)
         PyErr_Format(PyExc_ValueError, "client %llu still has fds queued", cid);
         return NULL;
     }
-    /* Hand the buffer itself over; the client starts a new one. */
-    uint8_t *buf = c->out;
-    size_t start = c->start, len = c->end - c->start;
+    /* Hand the buffers themselves over; the client starts new ones. The held
+     * control notifications count as written: the next process writes them
+     * as plain bytes. */
+    uint8_t *buf = c->out, *ctl = c->ctl;
+    size_t start = c->start, len = c->end - c->start, ctl_len = c->ctl_len;
     c->pos += len;
     c->out = NULL;
     c->cap = c->start = c->end = 0;
     c->lat_end = 0;
+    c->notifications = sat_add(c->notifications, c->ctl_msgs);
+    c->ctl = NULL;
+    c->ctl_len = 0;
+    c->ctl_msgs = 0;
     epoll_forget(hl, c);
     hl_unlock(hl);
-    PyObject *result = PyBytes_FromStringAndSize(len ? (char *)buf + start : "", (Py_ssize_t)len);
+    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(len + ctl_len));
+    if (result != NULL) {
+        if (len) {
+            memcpy(PyBytes_AS_STRING(result), buf + start, len);
+        }
+        if (ctl_len) {
+            memcpy(PyBytes_AS_STRING(result) + len, ctl, ctl_len);
+        }
+    }
     free(buf);
+    free(ctl);
     return result;
 }
 
@@ -2348,6 +2472,9 @@ static PyMethodDef hl_methods[] = {
     {"unsubscribe", (PyCFunction)hl_unsubscribe, METH_VARARGS, unsubscribe_doc},
     {"credit", (PyCFunction)hl_credit, METH_VARARGS, credit_doc},
     {"send", (PyCFunction)(void (*)(void))hl_send, METH_VARARGS | METH_KEYWORDS, send_doc},
+    {"hold_control", (PyCFunction)(void (*)(void))hl_hold_control, METH_VARARGS | METH_KEYWORDS,
+     hold_control_doc},
+    {"held_control", (PyCFunction)hl_held_control, METH_O, held_control_doc},
     {"flush", (PyCFunction)hl_flush, METH_O, flush_doc},
     {"queued", (PyCFunction)hl_queued, METH_O, queued_doc},
     {"client_stats", (PyCFunction)hl_client_stats, METH_O, client_stats_doc},

@@ -86,6 +86,18 @@ class HotLoop:
         Returns the bytes still queued; ``OSError`` if the socket has failed.
         """
 
+    def hold_control(self, cid: int, data: bytes, count: int, replace: bool = False) -> bool:
+        """Hold ``data`` (``count`` whole control notifications) in place of what was
+        held, to be queued ahead of the next encoded counts; written at once if the
+        queue is empty.
+
+        With ``replace``, only if what was held before is still held: ``False``, and
+        nothing held, once the thread has queued it. ``OSError`` if the socket has failed.
+        """
+
+    def held_control(self, cid: int, /) -> int:
+        """Control notifications held (``hold_control``) and not queued yet."""
+
     def flush(self, cid: int, /) -> int:
         """Write what the socket takes; the bytes still queued. ``OSError`` if failed."""
 
@@ -100,7 +112,8 @@ class HotLoop:
         """Remove and return the pending ``(token, count)`` pairs, tokens ascending."""
 
     def take_output(self, cid: int, /) -> bytes:
-        """Remove and return the unsent bytes; ``ValueError`` if fds are queued."""
+        """Remove and return the unsent bytes, held control notifications last;
+        ``ValueError`` if fds are queued."""
 
     def latency(self) -> list[int]:
         """Observations per bucket (``irqd.stats.LATENCY_BOUNDS_US``) since creation."""

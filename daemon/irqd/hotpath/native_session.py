@@ -1,14 +1,21 @@
 """A client session whose every byte goes through the native hot loop's output queue.
 
 The extension owns the session's pending interrupt counters and its output
-queue; the hot thread encodes and writes ``irq`` notifications itself. What
-Trio writes (responses, ``resized``, ``shutdown``, ``device_lost``) is appended
-to the same queue by ``HotLoop.send``, whole messages at a time, after it has
-encoded every count still pending: the guarantee of
+queue; the hot thread encodes and writes ``irq`` notifications itself. Trio's
+responses are appended to the same queue by ``HotLoop.send``, whole messages
+at a time, after it has encoded every count still pending: the guarantee of
 :class:`irqd.hotpath.session.Session` that a response comes after every count credited
-before it holds here too. Control notifications are appended at once, not by
-a sender task, so that ``resized`` is ahead of the count of the
-loopback trigger that follows it.
+before it holds here too.
+
+Control notifications (``err``, ``resized``, ``shutdown``, ``device_lost``) are
+not queued but held in the extension's one control buffer per client
+(``HotLoop.hold_control``), which goes into the queue just ahead of the next
+counts it encodes: a ``resized`` is ahead of the count of the loopback trigger
+that follows it, with no sender task in between. The session coalesces what
+is held (:class:`irqd.hotpath.session.PendingControl`) and replaces the buffer
+as a whole; once the thread has queued it, the next notification starts a
+new one. So a client that does not read costs its counters and one bounded
+control buffer, however many ERRs and grows there are.
 
 ``send`` never blocks. A client that does not read makes its queue grow only
 by what Trio adds, so Trio waits for the socket to become writable whenever
@@ -20,16 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from irqd.device.base import IrqIndex
-from irqd.hotpath.session import PeerCredentials, Session, SessionOutput, encode_notification
+from irqd.hotpath.session import PeerCredentials, PendingControl, Session, SessionOutput
 from irqd.stats import LatencyHistogram
 from irqd.tokens import make_token, split_token
-from irqproto.notifications import ResizedNotification, TypedNotification
+from irqproto.notifications import TypedNotification
 
 if TYPE_CHECKING:
     from irqd._hotloop import HotLoop
@@ -57,6 +64,9 @@ class NativeSession(Session):
         # what Trio itself queued; the extension counts what its thread writes.
         self._base_delivered = 0
         self._py_notifications = 0
+        #: What was last handed to ``hold_control``: still held there, or queued
+        #: already (the next ``_hold`` finds out which).
+        self._control = PendingControl()
         #: Output taken out of the extension for a hand-over, put back if it is called off.
         self._exported: tuple[bytes, list[tuple[int, int]]] | None = None
         self._removed = False
@@ -93,22 +103,38 @@ class NativeSession(Session):
         return self._hot.client_stats(self.client_id)
 
     def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
-        """Queue ``resized`` at once, ahead of the loopback trigger's count that follows it."""
-        notification = ResizedNotification(index.wire_name, tuple(sorted(vectors)), possible_loss)
-        self._post_now(encode_notification(notification))
+        """Hold ``resized`` in the extension at once, ahead of the loopback trigger's
+        count that follows it; merges with one for the index still held."""
+        self._hold(lambda control: control.add_resized(index, vectors, possible_loss))
 
     def post(self, notification: TypedNotification) -> None:
-        """Queue a control notification at once (``shutdown``, ``device_lost``)."""
-        self._post_now(encode_notification(notification))
+        """Hold a control notification in the extension; merges with one still held."""
+        self._hold(lambda control: control.add(notification))
 
-    def _post_now(self, data: bytes) -> None:
-        # Straight into the extension's queue, which appends whole messages
-        # only, so no lock is needed for the bytes to stay in one piece; the
-        # hot thread writes what the socket does not take now. These are
-        # rare, so they need no flow control.
+    def pending_control(self) -> int:
+        """Control notifications the extension holds, not queued yet."""
+        if self._removed:
+            return 0
+        with contextlib.suppress(KeyError, ValueError):
+            return self._hot.held_control(self.client_id)
+        return 0
+
+    def _hold(self, change: Callable[[PendingControl], None]) -> None:
+        # Merge into what was held if the thread has not queued it yet (one
+        # atomic check-and-replace in the extension); otherwise hold the new
+        # notification alone. No lock: the buffer is replaced whole, and only
+        # this (Trio) thread fills it.
+        merged = self._control.copy()
+        change(merged)
+        hot, client = self._hot, self.client_id
         with contextlib.suppress(OSError, KeyError, ValueError):
-            self._hot.send(self.client_id, data)
-            self._py_notifications += 1
+            if self._control and hot.hold_control(client, merged.encode(), len(merged), True):
+                self._control = merged
+                return
+            fresh = PendingControl()
+            change(fresh)
+            hot.hold_control(client, fresh.encode(), len(fresh))
+            self._control = fresh
 
     async def run_sender(self) -> None:
         """Until cancelled: raise ``OSError`` once the extension has given up on the
@@ -157,11 +183,12 @@ class NativeSession(Session):
     def export_output(self) -> SessionOutput:
         """The extension's queued bytes and pending counters, taken out of it.
 
-        Called with the hot thread stopped (a hand-over): nothing moves. ``post``
-        and ``post_resized`` queue in the extension at once, so Python holds
-        no ``resized`` of its own.
+        Called with the hot thread stopped (a hand-over): nothing moves. The
+        held control notifications come last in the bytes, ahead of the
+        counts as here, so Python hands on no ``resized`` of its own.
         """
         output = self._hot.take_output(self.client_id)
+        self._control = PendingControl()
         pending = self._hot.take_pending(self.client_id)
         self._exported = (output, pending)
         return SessionOutput(

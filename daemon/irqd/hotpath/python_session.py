@@ -8,6 +8,9 @@ can take it: the dispatcher only ever increments and sets an event.
 Every byte (responses, notifications, ``irq`` counts) goes through
 ``_send_locked`` under the session's one lock, and pending counts are only
 taken while holding it, so ``respond`` writes them ahead of the response.
+Control notifications wait coalesced (:class:`PendingControl`) and are taken
+with the counts, ahead of them: while the sender is stuck on a client that
+does not read, nothing grows but the counters and that one record.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from irqd.device.base import IrqIndex
 from irqd.hotpath.session import (
     SCM_MAX_FD,
     PeerCredentials,
+    PendingControl,
     Session,
     SessionOutput,
     encode_counts,
-    encode_notification,
 )
 from irqd.stats import LatencyHistogram
-from irqproto.notifications import ResizedNotification, TypedNotification
+from irqproto.notifications import TypedNotification
 
 
 class PythonSession(Session):
@@ -48,7 +51,8 @@ class PythonSession(Session):
         self._notifications = 0
         self._pending: dict[IrqIndex, dict[int, int]] = {}
         self._pending_since_ns = 0
-        self._resized: dict[IrqIndex, tuple[set[int], bool]] = {}
+        self._control = PendingControl()
+        #: Bytes a previous process left unsent (``restore_output``), due first.
         self._outbox: list[bytes] = []
         self._wake = trio.Event()
 
@@ -83,15 +87,17 @@ class PythonSession(Session):
 
     def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
         """Queue a ``resized`` notification; several coalesce into one per index."""
-        known, loss = self._resized.get(index, (set(), False))
-        known.update(vectors)
-        self._resized[index] = (known, loss or possible_loss)
+        self._control.add_resized(index, vectors, possible_loss)
         self._wake.set()
 
     def post(self, notification: TypedNotification) -> None:
-        """Queue a control notification (``shutdown``, ``device_lost``)."""
-        self._outbox.append(encode_notification(notification))
+        """Queue a control notification; merges with one still unsent."""
+        self._control.add(notification)
         self._wake.set()
+
+    def pending_control(self) -> int:
+        """Control notifications waiting, coalesced."""
+        return len(self._control)
 
     def pending_counters(self) -> int:
         """How many (index, vector) counters are waiting: the memory a slow client costs."""
@@ -135,18 +141,15 @@ class PythonSession(Session):
         if tail:
             await self._sendall(tail, fds)
 
-    def _take_posted(self) -> list[bytes]:
-        """Queued control notifications and ``resized``, taken for writing."""
+    def _take_pending(self) -> bytes:
+        # What a previous process left, then what was posted, then the counts.
         parts = self._outbox
         self._outbox = []
-        for index, (vectors, loss) in self._resized.items():
-            resized = ResizedNotification(index.wire_name, tuple(sorted(vectors)), loss)
-            parts.append(encode_notification(resized))
-        self._resized = {}
-        return parts
-
-    def _take_pending(self) -> bytes:
-        parts = self._take_posted()
+        messages = len(parts)
+        if self._control:
+            parts.append(self._control.encode())
+            messages += len(self._control)
+            self._control = PendingControl()
         pending = self._pending
         if pending:
             self._pending = {}
@@ -154,9 +157,10 @@ class PythonSession(Session):
                 counts = pending[index]
                 self._delivered += sum(counts.values())
                 parts.append(encode_counts(index, counts))
+                messages += 1
         if not parts:
             return b""
-        self._notifications += len(parts)
+        self._notifications += messages
         return b"".join(parts)
 
     async def _sendall(self, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -178,7 +182,14 @@ class PythonSession(Session):
     # -- restart without disconnecting (irqd.process.fdstore) ------------------------------
 
     def export_output(self) -> SessionOutput:
-        """Pending counts, ``resized`` and queued notifications, as they are (output held)."""
+        """Pending counts, ``resized`` and queued notifications, as they are (output held).
+
+        The other control notifications go as bytes after the outbox: the
+        next process writes them ahead of the ``resized`` and counts, as this
+        one would have.
+        """
+        others = self._control.copy()
+        others.resized = {}
         return SessionOutput(
             pending=[
                 (index, vector, count)
@@ -186,9 +197,10 @@ class PythonSession(Session):
                 for vector, count in counts.items()
             ],
             resized=[
-                (index, sorted(vectors), loss) for index, (vectors, loss) in self._resized.items()
+                (index, sorted(vectors), loss)
+                for index, (vectors, loss) in self._control.resized.items()
             ],
-            outbox=list(self._outbox),
+            outbox=[*self._outbox, others.encode()] if others else list(self._outbox),
         )
 
     def restore_output(self, outbox: list[bytes]) -> None:

@@ -10,6 +10,13 @@ and output queue, written by its thread). Both keep the same guarantees:
 * interrupt counts are never queued as messages but added to a per-vector
   counter, so a client that stops reading costs one integer per subscribed
   vector and slows nobody else;
+* control notifications coalesce too (:class:`PendingControl`): while
+  unsent, ``err`` counts add up, ``resized`` for an index merge, and
+  ``shutdown`` and ``device_lost`` are held once each, so what such a client
+  costs stays bounded whatever the device and the daemon do;
+* what was posted is written ahead of the counts pending with it, so a
+  ``resized`` reaches the client before the count of the loopback trigger
+  that follows it;
 * messages never interleave, and ``respond`` writes everything pending first:
   when a client reads the answer to ``unsubscribe``, every count for that
   subscription is already in front of it;
@@ -35,7 +42,15 @@ from irqd.device.base import IrqIndex
 from irqd.stats import LatencyHistogram
 from irqproto.codec import encode
 from irqproto.messages import to_wire
-from irqproto.notifications import TypedNotification, encode_irq
+from irqproto.notifications import (
+    DeviceLostNotification,
+    ErrNotification,
+    IrqNotification,
+    ResizedNotification,
+    ShutdownNotification,
+    TypedNotification,
+    encode_irq,
+)
 
 #: include/net/scm.h: the most fds one SCM_RIGHTS message may carry.
 SCM_MAX_FD = 253
@@ -103,6 +118,78 @@ def encode_notification(notification: TypedNotification) -> bytes:
 
 
 @dataclass
+class PendingControl:
+    """A session's unsent control notifications, coalesced as counts are.
+
+    At most one of each: an ``err`` whose count is the sum of every ERR posted
+    since the last one was written; one ``resized`` per index, naming the union
+    of the vectors posted and ``possible_loss`` if any of them had it; one
+    ``device_lost`` and one ``shutdown``, each keeping the first reason posted
+    (the cause; anything later is a consequence of it). Written in that order,
+    resized by index, ahead of the counts pending at the time.
+    """
+
+    err: int = 0
+    resized: dict[IrqIndex, tuple[frozenset[int], bool]] = field(default_factory=dict)
+    device_lost: DeviceLostNotification | None = None
+    shutdown: ShutdownNotification | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.err or self.resized or self.device_lost or self.shutdown)
+
+    def __len__(self) -> int:
+        """How many notifications this writes."""
+        return (
+            (self.err > 0)
+            + len(self.resized)
+            + (self.device_lost is not None)
+            + (self.shutdown is not None)
+        )
+
+    def copy(self) -> PendingControl:
+        """An independent copy (the sets inside are immutable)."""
+        return PendingControl(self.err, dict(self.resized), self.device_lost, self.shutdown)
+
+    def add_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
+        """Merge a ``resized``: vectors unioned, ``possible_loss`` or-ed."""
+        known, loss = self.resized.get(index, (frozenset(), False))
+        self.resized[index] = (known.union(vectors), loss or possible_loss)
+
+    def add(self, notification: TypedNotification) -> None:
+        """Merge a control notification; ``TypeError`` for ``irq`` (counts are credited)."""
+        if isinstance(notification, ErrNotification):
+            self.err += notification.count
+        elif isinstance(notification, ResizedNotification):
+            index = IrqIndex.from_wire(notification.index)
+            self.add_resized(index, notification.vectors, notification.possible_loss)
+        elif isinstance(notification, DeviceLostNotification):
+            self.device_lost = self.device_lost or notification
+        elif isinstance(notification, ShutdownNotification):
+            self.shutdown = self.shutdown or notification
+        else:
+            assert isinstance(notification, IrqNotification)
+            raise TypeError("irq counts are credited with add_pending, not posted")
+
+    def notifications(self) -> list[TypedNotification]:
+        """The notifications to write, in order."""
+        out: list[TypedNotification] = [
+            ResizedNotification(index.wire_name, tuple(sorted(vectors)), loss)
+            for index, (vectors, loss) in sorted(self.resized.items())
+        ]
+        if self.err:
+            out.append(ErrNotification(self.err))
+        if self.device_lost is not None:
+            out.append(self.device_lost)
+        if self.shutdown is not None:
+            out.append(self.shutdown)
+        return out
+
+    def encode(self) -> bytes:
+        """The wire bytes of every notification held, in order."""
+        return b"".join(encode_notification(n) for n in self.notifications())
+
+
+@dataclass
 class SessionOutput:
     """Everything a session has not written yet, as ``export_output`` hands it over."""
 
@@ -166,11 +253,13 @@ class Session(ABC):
 
     @abstractmethod
     def post_resized(self, index: IrqIndex, vectors: Sequence[int], possible_loss: bool) -> None:
-        """Queue a ``resized`` notification. Never blocks."""
+        """Queue a ``resized`` notification, ahead of any count credited after it;
+        merges with one for the same index still unsent. Never blocks."""
 
     @abstractmethod
     def post(self, notification: TypedNotification) -> None:
-        """Queue a control notification (``shutdown``, ``device_lost``, ``err``)."""
+        """Queue a control notification (``shutdown``, ``device_lost``, ``err``);
+        merges with one still unsent (:class:`PendingControl`). Never blocks."""
 
     @abstractmethod
     def pending_counters(self) -> int:
@@ -179,6 +268,11 @@ class Session(ABC):
     @abstractmethod
     def pending_total(self) -> int:
         """Interrupts credited but not yet written to the socket."""
+
+    @abstractmethod
+    def pending_control(self) -> int:
+        """Control notifications waiting, coalesced (:class:`PendingControl`): at most
+        one ``err``, one ``resized`` per index, one ``device_lost``, one ``shutdown``."""
 
     # -- the output path: Trio -----------------------------------------------------------
 
