@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-SOURCES := proto/irqproto daemon/irqd tests bench
+SOURCES := proto/irqproto daemon/irqd tests bench examples
 
 .PHONY: all venv install uninstall run test lint typecheck pytest bench clean
 
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy --strict proto/irqproto daemon/irqd tests bench
+	$(VENV)/bin/mypy --strict proto/irqproto daemon/irqd tests bench examples
 
 # Every test, the VM stage and the soak included: with VFIO_IRQD_FULL_SUITE=1
 # the run refuses to start if anything would be deselected (-m, -k, PYTEST_ADDOPTS)

@@ -13,7 +13,9 @@ machine of this kind). In short:
 * the guest sees the host's root read-only over virtio-9p (overlay + tmpfs on
   top) and a writable 9p folder for results; it runs the repository's own
   ``.venv`` Python against an ``ivshmem-doorbell`` device behind an emulated
-  ``intel-iommu`` with interrupt remapping;
+  ``intel-iommu`` with interrupt remapping, and an emulated NVMe controller
+  (``-device nvme``) on a raw backing file filled with a known pattern
+  (``examples/nvme/irqd_nvme.py``), which the userspace NVMe example drives;
 * the ivshmem server is ours (``IvshmemServer``): it hands QEMU the shared
   memory and one eventfd per vector and keeps its own copies, so the host can
   raise MSI-X interrupts in the guest by writing them, as hardware would.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import importlib.util
 import json
 import lzma
 import os
@@ -34,11 +37,13 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("VFIO_IRQD_VM_CACHE", "/var/cache/vfio-irqd-vm"))
@@ -87,8 +92,25 @@ IVSHMEM_BDF = f"0000:00:{IVSHMEM_SLOT:02x}.0"
 IVSHMEM_VECTORS = 8
 IVSHMEM_SHM_SIZE = 1 << 20  # BAR2 must be a power of two
 
-#: Every QEMU run is bounded by this (seconds), through timeout(1).
-GUEST_TIMEOUT = int(os.environ.get("VFIO_IRQD_VM_TIMEOUT", "150"))
+#: The NVMe controller: its slot, the serial QEMU is given, and the size of
+#: its raw backing file (one namespace of that many bytes).
+NVME_SLOT = 6
+NVME_BDF = f"0000:00:{NVME_SLOT:02x}.0"
+NVME_SERIAL = "deadbeef"
+NVME_IMAGE_BYTES = 32 << 20
+
+#: QEMU's edu device (hw/misc/edu.c: MSI, INTx, DMA), and a virtio-rng-pci with
+#: the AER capability behind its own pcie-root-port (bus 1): the only device model
+#: seen to deliver injected errors to vfio-pci's ERR eventfd (docs/real-device.md).
+EDU_SLOT = 7
+ROOT_PORT_SLOT = 8
+AER_DEVICE_ID = "rng"
+
+#: Every QEMU run is bounded by this (seconds), through timeout(1). Under TCG
+#: every Python process start in the guest costs seconds (the daemon's 16 to 36),
+#: and more when the host is busy: with the NVMe steps, a guest took 3.5 to 4.5
+#: minutes on this 2-core machine while other work loaded it (load average 3 to 5).
+GUEST_TIMEOUT = int(os.environ.get("VFIO_IRQD_VM_TIMEOUT", "420"))
 
 
 class Missing(Exception):
@@ -141,7 +163,7 @@ def check_prerequisites() -> None:
     if os.geteuid() != 0:
         raise Missing("the VM stage needs root (apt-get, 9p export of /, QEMU)")
     if not (REPO / ".venv" / "bin" / "python").exists():
-        raise Missing(f"no virtualenv at {REPO / '.venv'} (run make install)")
+        raise Missing(f"no virtualenv at {REPO / '.venv'} (run make venv)")
     ensure_host_packages()
 
 
@@ -388,9 +410,60 @@ class GuestResult:
     console: str
     results: dict[str, object]
     host_fire: dict[str, object]
+    #: check_nvme_image's verdict on the NVMe backing file after the guest exited.
+    nvme_image: dict[str, Any]
 
 
-def qemu_command(kernel: Kernel, work: Path, initrd: Path) -> list[str]:
+def nvme_pattern() -> Any:
+    """examples/nvme/irqd_nvme.py (its data pattern), loaded by path: not a package."""
+    spec = importlib.util.spec_from_file_location(
+        "irqd_nvme", REPO / "examples" / "nvme" / "irqd_nvme.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Its dataclasses look their module up in sys.modules while being built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_nvme_image(image: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Compare the backing file with what the guest says its drivers wrote.
+
+    ``report`` is the guest's ``nvme_image``: ``written`` (``[lba, gen]`` pairs
+    whose write completed) and ``uncertain`` (``[first, count]`` ranges a killed
+    driver may have been writing). Every other block must still be the host's
+    generation 0.
+    """
+    pattern = nvme_pattern()
+    data = image.read_bytes()
+    block = pattern.BLOCK
+    expected = {int(lba): int(gen) for lba, gen in report.get("written", [])}
+    skip: set[int] = set()
+    for first, count in report.get("uncertain", []):
+        skip.update(range(int(first), int(first) + int(count)))
+    bad: list[list[int]] = []
+    checked = 0
+    for lba in range(len(data) // block):
+        if lba in skip:
+            continue
+        got = data[lba * block : (lba + 1) * block]
+        gen = expected.get(lba, 0)
+        checked += 1
+        if got != pattern.block(lba, gen) and len(bad) < 20:
+            bad.append([lba, gen, *(pattern.decode(got) or (-1, -1))])
+    return {
+        "blocks": len(data) // block,
+        "checked": checked,
+        "written_checked": sum(1 for lba in expected if lba not in skip),
+        "uncertain": len(skip),
+        "bad": bad,
+    }
+
+
+def qemu_command(
+    kernel: Kernel, work: Path, initrd: Path, nvme_image: Path | None = None
+) -> list[str]:
     """The QEMU command line (vm-notes.md: what worked), bounded by timeout(1)."""
     append = (
         "console=ttyS0 rdinit=/init panic=-1 loglevel=4 no_timer_check intel_iommu=on "
@@ -435,6 +508,17 @@ def qemu_command(kernel: Kernel, work: Path, initrd: Path) -> list[str]:
         f"socket,id=ivs,path={work / 'ivshmem.sock'}",
         "-device",
         f"ivshmem-doorbell,id=dut,chardev=ivs,vectors={IVSHMEM_VECTORS},addr={IVSHMEM_SLOT:#x}",
+        *(
+            [
+                "-drive",
+                f"file={nvme_image},if=none,id=nvm,format=raw",
+                "-device",
+                f"nvme,serial={NVME_SERIAL},drive=nvm,addr={NVME_SLOT:#x}",
+            ]
+            if nvme_image is not None
+            else []
+        ),
+        *device_options(work),
         "-kernel",
         str(kernel.image),
         "-initrd",
@@ -442,6 +526,49 @@ def qemu_command(kernel: Kernel, work: Path, initrd: Path) -> list[str]:
         "-append",
         append,
     ]
+
+
+def device_options(work: Path) -> list[str]:
+    """edu, the AER device behind its root port, and the monitor that injects errors."""
+    return [
+        "-device",
+        f"edu,addr={EDU_SLOT:#x}",
+        "-device",
+        f"pcie-root-port,id=rp1,chassis=1,addr={ROOT_PORT_SLOT:#x}",
+        "-device",
+        f"virtio-rng-pci,aer=on,bus=rp1,id={AER_DEVICE_ID}",
+        "-monitor",
+        f"unix:{work / 'monitor.sock'},server=on,wait=off",
+    ]
+
+
+def aer_inject(monitor: Path, device: str, error: str) -> str:
+    """``pcie_aer_inject_error DEVICE ERROR`` on QEMU's human monitor; ``ok`` or why not.
+
+    QEMU's names (hw/pci/pcie_aer.c, pcie_aer_parse_error_string): ``UNSUP``
+    (non-fatal by default severity), ``MALF_TLP`` (fatal) and so on. Its answer
+    starts ``OK id:`` when the error was injected.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(10)
+        sock.connect(str(monitor))
+
+        def until_prompt() -> str:
+            data = b""
+            while not data.endswith(b"(qemu) "):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            return data.decode(errors="replace")
+
+        try:
+            until_prompt()  # the banner
+            sock.sendall(f"pcie_aer_inject_error {device} {error}\n".encode())
+            answer = until_prompt()
+        except OSError as exc:
+            return f"monitor: {exc}"
+    return "ok" if "OK id:" in answer else " ".join(answer.split())[-200:]
 
 
 class HostFirer:
@@ -456,6 +583,7 @@ class HostFirer:
 
     def __init__(self, path: Path, server: IvshmemServer) -> None:
         self.server = server
+        self.monitor = path.parent / "monitor.sock"  # device_options: QEMU's monitor
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.listener.bind(str(path))
         self.listener.listen(1)
@@ -495,23 +623,43 @@ class HostFirer:
                 self.server.fire(v)
             self.written[v] = self.written.get(v, 0) + n
             return "ok"
+        if words[0] == "aer" and len(words) == 3:
+            return aer_inject(self.monitor, words[1], words[2])
         return "?"
 
     def close(self) -> None:
         self.listener.close()
 
 
+def precompile() -> None:
+    """Byte-compile what the guest imports, on the host.
+
+    The guest sees the tree read-only under an overlay: a stale or missing
+    ``.pyc`` is compiled there again in every boot, under software emulation.
+    """
+    dirs = [REPO / "daemon", REPO / "proto", REPO / "tests" / "vm", REPO / "examples"]
+    subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-m", "compileall", "-q", *map(str, dirs)],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+
+
 def run_guest(kernel: Kernel) -> GuestResult:
     """Boot one guest, let it run the guest-side checks, return what it reported."""
+    precompile()
     with tempfile.TemporaryDirectory(prefix="vfio-irqd-vm-") as tmp:
         work = Path(tmp)
         (work / "results").mkdir()
         server = IvshmemServer(work / "ivshmem.sock", IVSHMEM_VECTORS)
         firer = HostFirer(work / "ctl.sock", server)
+        image = work / "nvme.img"
+        image.write_bytes(nvme_pattern().image(NVME_IMAGE_BYTES))
         started = time.monotonic()
         try:
             proc = subprocess.run(
-                qemu_command(kernel, work, initrd_with_init(kernel, work / "initrd.cpio")),
+                qemu_command(kernel, work, initrd_with_init(kernel, work / "initrd.cpio"), image),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 check=False,
@@ -526,10 +674,17 @@ def run_guest(kernel: Kernel) -> GuestResult:
         if results_file.exists():
             with contextlib.suppress(ValueError):
                 results = json.loads(results_file.read_text())
+        keep = os.environ.get("VFIO_IRQD_VM_KEEP")
+        if keep and results_file.exists():
+            # Everything the guest reported, for a look after a passing run too.
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(results_file, Path(keep) / f"results-{kernel.spec.label}.json")
+        reported = results.get("nvme_image")
         return GuestResult(
             proc.returncode,
             seconds,
             console,
             results,
             {"written": {str(k): v for k, v in firer.written.items()}},
+            check_nvme_image(image, reported) if isinstance(reported, dict) else {},
         )
