@@ -1,1 +1,1 @@
-"""Operator-facing tests: ``top``, ``ping``, and the clients in other languages (issue 8)."""
+"""Operator-facing tests: ``top``, ``ping``, and the clients in other languages."""

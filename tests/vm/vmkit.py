@@ -1,6 +1,6 @@
 """Host side of the VM tests: packages, kernels, initramfs, ivshmem server, QEMU.
 
-Everything here follows /work/shared/vm-notes.md (what was seen working on a
+Everything here follows docs/real-device.md, "The VM tests" (what was seen working on a
 machine of this kind). In short:
 
 * QEMU, busybox-static and zstd come from Debian's packages (``apt-get``);
@@ -464,7 +464,7 @@ def check_nvme_image(image: Path, report: dict[str, Any]) -> dict[str, Any]:
 def qemu_command(
     kernel: Kernel, work: Path, initrd: Path, nvme_image: Path | None = None
 ) -> list[str]:
-    """The QEMU command line (vm-notes.md: what worked), bounded by timeout(1)."""
+    """The QEMU command line (docs/real-device.md: what worked), bounded by timeout(1)."""
     append = (
         "console=ttyS0 rdinit=/init panic=-1 loglevel=4 no_timer_check intel_iommu=on "
         f"mitigations=off irqd_repo={REPO} irqd_label={kernel.spec.label}"

@@ -65,7 +65,7 @@ HOST_BURST = 50
 
 
 def bind_vfio(bdf: str) -> dict[str, Any]:
-    """driver_override + drivers_probe (vm-notes.md); /dev/vfio/N appears."""
+    """driver_override + drivers_probe (docs/real-device.md); /dev/vfio/N appears."""
     dev = Path("/sys/bus/pci/devices") / bdf
     (dev / "driver_override").write_text("vfio-pci")
     if (dev / "driver").exists():
