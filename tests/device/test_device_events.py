@@ -155,3 +155,23 @@ async def test_req_unmaps_every_dma_buffer_before_the_device_is_closed(
     # forgotten when the device closed.
     assert unmapped == [(buffer["iova"], 4096)]
     assert daemon.handlers.broker.totals() == {"bytes": 0, "mappings": 0}
+
+
+async def test_a_removal_seen_after_req_is_what_clients_are_told(
+    tmp_path: Path, nursery: trio.Nursery, sim: SimDevice
+) -> None:
+    # vfio-pci's remove path asks through REQ first; the ``remove`` uevent comes
+    # once the daemon let go. With a uevent watcher running, the daemon waits
+    # for it (bounded) before telling its clients.
+    daemon, stopped = await start(nursery, tmp_path, sim)
+    daemon.events.removal_grace = DEADLINE
+    async with open_client(str(daemon.config.socket_path), client_name="a") as a:
+        sim.request_release()
+        with trio.fail_after(DEADLINE):
+            while sim.active_index() is not None or sim.assigned_fd(IrqIndex.REQ, 0) is not None:
+                await trio.lowlevel.checkpoint()  # the release runs first
+        daemon.events.device_gone("unbound")  # the unbind uevent: not a reason to change
+        daemon.events.device_gone("removed")
+        assert await next_other_than_irq(a) == DeviceLostNotification("removed")
+    with trio.fail_after(DEADLINE):
+        await stopped.wait()

@@ -48,6 +48,13 @@ log = structlog.get_logger("irqd.device.events")
 #: How long clients together get to read ``device_lost`` before the daemon stops.
 LOST_FLUSH_SECONDS = 1.0
 
+#: How long ``device_lost`` waits, after the device was given back on a REQ,
+#: for a ``remove`` uevent, when a uevent watcher runs. vfio-pci's remove path
+#: first asks for the device through REQ and sends the ``remove`` uevent only
+#: once the daemon let go (about 0.2 s later in the VM tests,
+#: docs/real-device.md): clients are told ``removed`` rather than ``request``.
+REMOVAL_GRACE_SECONDS = 0.5
+
 #: The tokens of the daemon's own REQ and ERR eventfds.
 REQ_TOKEN = make_token(IrqIndex.REQ, 0)
 ERR_TOKEN = make_token(IrqIndex.ERR, 0)
@@ -112,6 +119,11 @@ class DeviceEvents:
         self.lost = trio.Event()
         #: The ``device_lost`` reason clients get.
         self.reason = "request"
+        #: Seconds ``watch`` waits for a removal after a REQ; 0 where nothing
+        #: watches uevents (the process sets it when it does).
+        self.removal_grace = 0.0
+        self._removed = trio.Event()
+        self._told = False
         self.requests = 0
         self.errors = 0
         self._eventfds: dict[IrqIndex, EventFd] = {}
@@ -169,10 +181,18 @@ class DeviceEvents:
                 session.post(notification)
 
     def device_gone(self, reason: str) -> None:
-        """Something else saw the device go (a uevent: ``removed``): same release."""
+        """Something else saw the device go (a uevent: ``removed``): same release.
+
+        A removal seen after a REQ, before the clients were told, is what they
+        are told: the REQ was the kernel's first step of that removal.
+        """
+        if reason == "removed":
+            self._removed.set()
         if not self.lost.is_set():
             self.reason = reason
             self.lost.set()
+        elif reason == "removed" and not self._told:
+            self.reason = reason
 
     def close(self, *, deassign: bool = True) -> None:
         """De-assign REQ/ERR, then stop polling, then close (``VectorRecord.release``'s order).
@@ -206,6 +226,10 @@ class DeviceEvents:
         """Wait for REQ; give the device back, tell every client, then cancel ``scope``."""
         await self.lost.wait()
         self._release()
+        if self.reason == "request" and self.removal_grace > 0:
+            with trio.move_on_after(self.removal_grace):
+                await self._removed.wait()
+        self._told = True
         notification = DeviceLostNotification(self.reason)
         sessions = self.sessions()
         with trio.move_on_after(LOST_FLUSH_SECONDS):

@@ -23,6 +23,7 @@ import trio
 
 from irqd.config import ServerConfig
 from irqd.device.base import Device, IrqIndex
+from irqd.device.events import REMOVAL_GRACE_SECONDS
 from irqd.device.sim import SimDevice
 from irqd.device.uevent import UeventSource, is_device_gone, open_uevent_source, wait_for_vfio
 from irqd.errors import ConfigError
@@ -182,7 +183,10 @@ async def _watch_device(daemon: Daemon, source: UeventSource, bdf: str) -> None:
             continue
         log.warning("device.gone", device=bdf, reason=reason, uevent=event.action)
         daemon.events.device_gone(reason)
-        return
+        if reason == "removed":
+            return
+        # An unbind may be the first half of a removal: keep listening until
+        # the daemon stops, so that clients can be told ``removed``.
 
 
 async def serve(
@@ -263,6 +267,7 @@ async def _serve_until_signalled(
             # On REQ: clients told device_lost, then this nursery ends (exit 0).
             nursery.start_soon(daemon.events.watch, nursery.cancel_scope)
             if source is not None and config.device is not None:
+                daemon.events.removal_grace = REMOVAL_GRACE_SECONDS
                 nursery.start_soon(_watch_device, daemon, source, config.device)
             # The device is open and the socket listens: now, and only now, ready.
             notifier.ready(daemon.status_line())

@@ -636,8 +636,9 @@ class EduRun:
             writer.returncode == 0
             and gone
             and code == 0
-            and len(set(reasons)) == 1
-            and reasons[0] in ("request", "removed")
+            # vfio-pci asks through REQ first; the daemon waits for the remove
+            # uevent before telling its clients (irqd.device.events).
+            and reasons == ["removed"] * len(self.listeners)
         )
         return {
             "ok": ok,
