@@ -91,6 +91,26 @@
  * notification still reaches it before every count credited after it was
  * held (a `resized` before the loopback trigger's count).
  *
+ * Stream guard (irqd/hotpath/guard.py): after a crash the next process may
+ * carry on a client's connection only if its stream stopped at a message
+ * boundary. set_guard() hands the loop a writable buffer (a MAP_SHARED
+ * memfd, so what is stored there outlives the process), and a client added
+ * with a slot has one byte in it that client_write keeps true: before a
+ * send it stores 1 unless the send is the whole queue, at most the client's
+ * atomic_max bytes and carries no fds (net/unix/af_unix.c,
+ * unix_stream_sendmsg: a send that fits in one skb is queued whole or fails
+ * with EAGAIN, and the queue holds whole messages, so such a send cannot
+ * leave the stream inside a message); once the queue is empty it stores 0.
+ * A 0 thus proves the stream is at a boundary. The fd-carrying path
+ * (send_fds, one byte with each batch of fds) always marks. The cost is a
+ * compare and at most two relaxed byte stores per write, each followed by a
+ * compiler barrier so that the 1 is in memory before the send that needs
+ * it (the CPU keeps a thread's stores in order with its own syscalls, and
+ * a killed process's retired stores still reach the page).
+ * The buffer and its length are under the mutex; the Py_buffer holding the
+ * exporter alive is the Python side's (GIL), released by set_guard() or
+ * close().
+ *
  * Not fork-safe: a child of fork() has no hot thread and may inherit a
  * locked mutex. The daemon never forks while a HotLoop exists.
  */
@@ -595,6 +615,8 @@ struct client {
     uint64_t pos;
     struct fdmark *marks;
     uint32_t mhead, mtail, mcap;
+    int32_t gslot;            /* byte in HotLoop.guard; -1: none */
+    uint32_t atomic_max;      /* sends up to this size are all-or-nothing */
     uint64_t first_credit_ns; /* first credit not yet encoded; 0: none */
     uint64_t lat_since_ns;    /* the encoded credits' first credit time */
     uint64_t lat_end;         /* ...complete when pos reaches this; 0: none */
@@ -613,8 +635,12 @@ typedef struct {
     int epfd, wakefd;
     char *names[MAX_INDEXES];
     uint8_t name_len[MAX_INDEXES];
+    Py_buffer guard_view; /* valid while has_guard_view; keeps the exporter alive */
+    int has_guard_view;
     /* Everything below: under mu. */
     pthread_mutex_t mu;
+    uint8_t *guard; /* the stream guard's bytes (guard_view.buf); NULL: none */
+    size_t guard_len;
     int freed;
     int stop_requested, thread_alive, thread_errno;
     uint64_t rounds;
@@ -907,16 +933,31 @@ record_latency(HotLoop *hl, uint64_t ns)
     hl->lat[slot]++;
 }
 
+/* Store a stream-guard byte: atomic so that it is never elided or torn,
+ * relaxed because only its order against this thread's own send matters,
+ * which the compiler barrier keeps (see the header). */
+static inline void
+guard_store(uint8_t *g, uint8_t value)
+{
+    __atomic_store_n(g, value, __ATOMIC_RELAXED);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
 /* Write what the socket takes now; keep EPOLLOUT registered while bytes
  * remain. On an error other than EAGAIN the client fails. */
 static void
 client_write(HotLoop *hl, struct client *c)
 {
+    uint8_t *g = c->gslot >= 0 && hl->guard != NULL ? hl->guard + c->gslot : NULL;
     while (c->start < c->end) {
         size_t len = c->end - c->start;
         struct fdmark *m = c->mhead < c->mtail ? &c->marks[c->mhead] : NULL;
         int with_fds = m != NULL && m->pos == c->pos;
         ssize_t r;
+        /* All-or-nothing, and the whole queue of whole messages: no mark. */
+        if (g != NULL && (m != NULL || len > c->atomic_max)) {
+            guard_store(g, 1);
+        }
         if (with_fds) {
             if (m->len < len) {
                 len = (size_t)m->len;
@@ -956,6 +997,9 @@ client_write(HotLoop *hl, struct client *c)
         c->lat_end = 0;
     }
     if (c->start == c->end) {
+        if (g != NULL) {
+            guard_store(g, 0); /* everything out: the stream is at a boundary */
+        }
         c->start = c->end = 0;
         if (c->cap > OUT_KEEP) {
             free(c->out);
@@ -1526,8 +1570,14 @@ close_loop(HotLoop *hl)
     if (hl->mutex_ready) {
         hl_lock(hl);
         free_state(hl);
+        hl->guard = NULL;
+        hl->guard_len = 0;
         hl->freed = 1;
         hl_unlock(hl);
+    }
+    if (hl->has_guard_view) {
+        PyBuffer_Release(&hl->guard_view);
+        hl->has_guard_view = 0;
     }
     if (hl->epfd >= 0) {
         close(hl->epfd);
@@ -1837,17 +1887,33 @@ hl_take_failed(HotLoop *hl, PyObject *Py_UNUSED(ignored))
 /* ---- clients -------------------------------------------------------------- */
 
 PyDoc_STRVAR(add_client_doc,
-             "add_client(sockfd) -> int\n\nTake a connected stream socket (not owned, never\n"
-             "closed here). Returns a client id, never reused by this HotLoop.");
+             "add_client(sockfd, guard_slot=-1, atomic_max=0) -> int\n\nTake a connected\n"
+             "stream socket (not owned, never closed here). Returns a client id, never reused\n"
+             "by this HotLoop. With guard_slot >= 0 the client's byte in the stream guard\n"
+             "(set_guard) is kept: 0 whenever its stream is at a message boundary; sends of\n"
+             "at most atomic_max bytes are taken as all-or-nothing. ValueError if the slot\n"
+             "is outside the guard.");
 
 static PyObject *
-hl_add_client(HotLoop *hl, PyObject *fd_arg)
+hl_add_client(HotLoop *hl, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"sockfd", "guard_slot", "atomic_max", NULL};
+    PyObject *fd_arg;
+    int gslot = -1;
+    unsigned int atomic_max = 0;
     int fd;
     struct stat st;
     struct fail f = {0};
     uint64_t cid = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iI:add_client", kwlist, &fd_arg, &gslot,
+                                     &atomic_max)) {
+        return NULL;
+    }
     if (arg_fd(fd_arg, "sockfd", &fd) < 0) {
+        return NULL;
+    }
+    if (gslot < -1) {
+        PyErr_Format(PyExc_ValueError, "guard_slot must be -1 (none) or a slot, not %d", gslot);
         return NULL;
     }
     if (fstat(fd, &st) < 0) {
@@ -1862,6 +1928,11 @@ hl_add_client(HotLoop *hl, PyObject *fd_arg)
     }
     if (map_get(&hl->client_fds, (uint32_t)fd) != NULL) {
         fail_set(&f, PyExc_FileExistsError, EEXIST, "fd %d is already a client", fd);
+        goto out;
+    }
+    if (gslot >= 0 && (size_t)gslot >= hl->guard_len) {
+        fail_set(&f, PyExc_ValueError, 0, "guard slot %d is outside the guard (%zu bytes)", gslot,
+                 hl->guard_len);
         goto out;
     }
     if (hl->ncfree == 0 && hl->ncslots >= MAX_CLIENTS) {
@@ -1882,7 +1953,8 @@ hl_add_client(HotLoop *hl, PyObject *fd_arg)
     }
     uint32_t slot = hl->ncfree ? hl->cfree[--hl->ncfree] : hl->ncslots++;
     cid = hl->next_seq++ << CID_SLOT_BITS | slot;
-    hl->clients[slot] = (struct client){.cid = cid, .fd = fd};
+    hl->clients[slot] =
+        (struct client){.cid = cid, .fd = fd, .gslot = gslot, .atomic_max = atomic_max};
     map_insert_new(&hl->client_fds, (uint32_t)fd, slot);
 out:
     hl_unlock(hl);
@@ -2454,6 +2526,50 @@ hl_latency(HotLoop *hl, PyObject *Py_UNUSED(ignored))
     return list_of_u64(lat, LAT_BUCKETS);
 }
 
+PyDoc_STRVAR(set_guard_doc,
+             "set_guard(buffer)\n\nUse buffer (writable, one byte per stream-guard slot; held\n"
+             "until replaced or close()) for the marks of clients added with a guard_slot.\n"
+             "None: no guard. ValueError while a client with a slot is registered.");
+
+static PyObject *
+hl_set_guard(HotLoop *hl, PyObject *buffer)
+{
+    Py_buffer view = {0};
+    int has_view = 0;
+    if (buffer != Py_None) {
+        if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            return NULL;
+        }
+        has_view = 1;
+    }
+    if (hl_acquire(hl) < 0) {
+        goto error;
+    }
+    for (uint32_t i = 0; i < hl->ncslots; i++) {
+        if (hl->clients[i].cid != 0 && hl->clients[i].gslot >= 0) {
+            unsigned long long cid = hl->clients[i].cid;
+            hl_unlock(hl);
+            PyErr_Format(PyExc_ValueError, "client %llu has a guard slot", cid);
+            goto error;
+        }
+    }
+    hl->guard = has_view ? view.buf : NULL;
+    hl->guard_len = has_view ? (size_t)view.len : 0;
+    hl_unlock(hl);
+    /* The thread no longer sees the old buffer: let its exporter go. */
+    if (hl->has_guard_view) {
+        PyBuffer_Release(&hl->guard_view);
+    }
+    hl->guard_view = view;
+    hl->has_guard_view = has_view;
+    Py_RETURN_NONE;
+error:
+    if (has_view) {
+        PyBuffer_Release(&view);
+    }
+    return NULL;
+}
+
 /* ---- the type and the module ---------------------------------------------- */
 
 static PyMethodDef hl_methods[] = {
@@ -2466,7 +2582,9 @@ static PyMethodDef hl_methods[] = {
     {"drain_vector", (PyCFunction)hl_drain_vector, METH_O, drain_vector_doc},
     {"vector_total", (PyCFunction)hl_vector_total, METH_O, vector_total_doc},
     {"take_failed", (PyCFunction)hl_take_failed, METH_NOARGS, take_failed_doc},
-    {"add_client", (PyCFunction)hl_add_client, METH_O, add_client_doc},
+    {"add_client", (PyCFunction)(void (*)(void))hl_add_client, METH_VARARGS | METH_KEYWORDS,
+     add_client_doc},
+    {"set_guard", (PyCFunction)hl_set_guard, METH_O, set_guard_doc},
     {"remove_client", (PyCFunction)hl_remove_client, METH_O, remove_client_doc},
     {"subscribe", (PyCFunction)hl_subscribe, METH_VARARGS, subscribe_doc},
     {"unsubscribe", (PyCFunction)hl_unsubscribe, METH_VARARGS, unsubscribe_doc},

@@ -6,6 +6,8 @@ Every method raises ``ValueError`` once the loop is closed.
 from collections.abc import Sequence
 from typing import Final, final
 
+from typing_extensions import Buffer
+
 #: include/net/scm.h: the most fds one SCM_RIGHTS message carries.
 SCM_MAX_FD: Final[int]
 #: How many IRQ indexes a token can name (``token >> 16``).
@@ -65,8 +67,19 @@ class HotLoop:
         """Tokens of vectors the thread dropped as broken; each reported once."""
 
     # -- clients ----------------------------------------------------------------
-    def add_client(self, sockfd: int, /) -> int:
-        """Take a connected stream socket (never closed here); returns a client id."""
+    def add_client(self, sockfd: int, guard_slot: int = -1, atomic_max: int = 0) -> int:
+        """Take a connected stream socket (never closed here); returns a client id.
+
+        With ``guard_slot >= 0`` the thread keeps the client's byte in the stream
+        guard (``set_guard``): 0 whenever the stream is at a message boundary;
+        sends of at most ``atomic_max`` bytes count as all-or-nothing.
+        ``ValueError`` if the slot is outside the guard.
+        """
+
+    def set_guard(self, buffer: Buffer | None, /) -> None:
+        """Keep the marks of clients added with a ``guard_slot`` in ``buffer``
+        (writable, held until replaced or ``close()``); ``None``: no guard.
+        ``ValueError`` while a client with a slot is registered."""
 
     def remove_client(self, cid: int, /) -> None:
         """Forget the client and everything queued for it; before closing the socket."""

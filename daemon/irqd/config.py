@@ -26,6 +26,9 @@ SOCKET_ENV = "VFIO_IRQD_SOCKET"
 #: saw it with 257 per VF).
 DEFAULT_PREARM_CAP = 64
 
+#: Seconds between two rewrites of ``--metrics-file`` unless ``--metrics-interval`` says.
+DEFAULT_METRICS_INTERVAL = 5.0
+
 
 class MsixStrategy(enum.StrEnum):
     """How MSI-X vectors are added to a running device (docs/design.md, the MSI-X strategies)."""
@@ -94,6 +97,10 @@ class ServerConfig:
     wait_for_device: bool = False
     #: ``--hot-loop`` / ``hot_loop``: fixed at start (a restart changes it).
     hot_loop: HotLoop = HotLoop.AUTO
+    #: ``--metrics-file`` / ``[metrics] file``: the Prometheus textfile rewritten
+    #: every ``metrics_interval`` (irqd.metrics); ``None``: none. SIGHUP may change both.
+    metrics_file: Path | None = None
+    metrics_interval: float = DEFAULT_METRICS_INTERVAL
     #: Upper bound on an orderly stop (SIGTERM to exit).
     stop_timeout: float = 5.0
     #: Settings given on the command line (field names); a reload leaves them be.

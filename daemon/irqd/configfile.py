@@ -23,6 +23,10 @@ typo never silently falls back to a default. The schema (docs/operations.md)::
     [limits]                      # irqd.limits.ServerLimits keys; reloadable (SIGHUP)
     [access]                      # irqd.policy.AccessPolicy schema; reloadable
 
+    [metrics]                     # Prometheus textfile (docs/metrics.md); reloadable
+    file = "/var/lib/prometheus/node-exporter/vfio-irqd-0000:03:00.0.prom"
+    interval = 5                  # seconds between rewrites
+
     [log]
     level = "info"                # debug | info | warning | error; reloadable
     format = "auto"               # auto | json | console
@@ -62,7 +66,7 @@ _MAX_MSI = 32
 
 _BDF_RE = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 _LEVELS = ("debug", "info", "warning", "error")
-_FORMATS = ("auto", "json", "console")
+_FORMATS = ("auto", "json", "console", "journal")
 
 
 class ConfigFileError(Exception):
@@ -97,6 +101,8 @@ class FileSettings:
     access_policy: AccessPolicy | None = None
     log_level: str | None = None
     log_format: str | None = None
+    metrics_file: Path | None = None
+    metrics_interval: float | None = None
 
 
 def default_config_path(instance: str) -> Path:
@@ -209,6 +215,14 @@ def _path(value: Any) -> Path:
     return Path(value)
 
 
+def _interval(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"must be a number of seconds, not {_kind(value)}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{value} must be a positive number of seconds")
+    return float(value)
+
+
 def load_settings(path: Path) -> FileSettings:
     """Read and check ``path``; :class:`ConfigFileError` for anything wrong with it."""
     try:
@@ -256,6 +270,10 @@ def load_settings(path: Path) -> FileSettings:
     settings["access_policy"] = _from_mapping(
         path, "access", top.raw_table("access"), AccessPolicy.from_mapping
     )
+    if (metrics := top.sub("metrics")) is not None:
+        settings["metrics_file"] = metrics.get("file", _path)
+        settings["metrics_interval"] = metrics.get("interval", _interval)
+        metrics.finish()
     if (logs := top.sub("log")) is not None:
         settings["log_level"] = logs.get("level", _choice(_LEVELS))
         settings["log_format"] = logs.get("format", _choice(_FORMATS))

@@ -1,9 +1,13 @@
-"""Logging for the daemon: structlog, JSON lines for journald, a readable console on a terminal.
+"""Logging for the daemon: structlog, journal fields under systemd, JSON lines, a console.
 
 Follows structlog's production recommendations: loggers cached on first use,
 ISO-8601 UTC timestamps, and a plain ``WriteLogger`` that writes one line per
 event and flushes it, so journald (or a pipe, as in the demo) sees each event
 as it happens.
+
+Under systemd (``$JOURNAL_STREAM`` names our stdout) each event goes to
+journald natively, its keys as journal fields and the JSON line as its
+message (irqd.journal).
 
 Records that third-party libraries send to the standard library's ``logging``
 go through the same renderer, so stdout stays one format.
@@ -21,7 +25,9 @@ from typing import Any, TextIO
 
 import structlog
 import structlog.tracebacks
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
+
+from irqd.journal import JOURNAL_SOCKET, JournalLoggerFactory, journal_fields, stream_is_journal
 
 __all__ = ["FORMATS", "LEVELS", "configure_logging", "current_level", "set_log_level"]
 
@@ -33,8 +39,9 @@ LEVELS: dict[str, int] = {
     "error": logging.ERROR,
 }
 
-#: Accepted ``--log-format`` values; ``auto`` is ``console`` on a terminal, else ``json``.
-FORMATS = ("auto", "json", "console")
+#: Accepted ``--log-format`` values; ``auto`` is ``journal`` when stdout is the
+#: journal stream systemd gave us, ``console`` on a terminal, else ``json``.
+FORMATS = ("auto", "json", "console", "journal")
 
 
 class _Level:
@@ -46,6 +53,15 @@ class _Level:
 
 
 _gate = _Level()
+
+
+class _Journal:
+    """The journald connection in use, closed when logging is configured again."""
+
+    factory: JournalLoggerFactory | None = None
+
+
+_journal = _Journal()
 
 _Filtering: Any = structlog.make_filtering_bound_logger(logging.DEBUG)
 
@@ -112,23 +128,45 @@ def set_log_level(level: str) -> None:
     logging.getLogger().setLevel(numeric)
 
 
-def _want_json(fmt: str, stream: TextIO) -> bool:
-    if fmt == "json":
-        return True
-    if fmt == "console":
-        return False
-    # Under systemd stdout is a socket to journald, never a terminal.
+def _format(fmt: str, stream: TextIO) -> str:
+    """``fmt`` with ``auto`` resolved for ``stream``."""
+    if fmt != "auto":
+        return fmt
+    if stream_is_journal(stream):
+        return "journal"
     isatty = getattr(stream, "isatty", None)
-    return not (callable(isatty) and isatty())
+    return "console" if callable(isatty) and isatty() else "json"
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+class JournalRenderer:
+    """Last processor for journald: the JSON line plus the event's keys as fields."""
+
+    def __init__(self) -> None:
+        self._json = structlog.processors.JSONRenderer(sort_keys=False)
+
+    def __call__(
+        self, logger: Any, name: str, event_dict: EventDict
+    ) -> tuple[tuple[str], dict[str, Any]]:
+        fields = journal_fields(event_dict)
+        level = str(event_dict.get("level", name))
+        line = self._json(logger, name, event_dict)
+        return (str(line),), {"fields": fields, "level": level}
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    journal_socket: str = JOURNAL_SOCKET,
+) -> None:
     """Configure structlog (and the standard library's root logger) for the process.
 
     ``level`` is one of :data:`LEVELS`; ``fmt`` one of :data:`FORMATS`. Output
     goes to ``stream``, by default ``sys.stdout`` as looked up now (journald
-    collects a service's stdout). Raises ``ValueError`` for an unknown level or
-    format. Call it once, before the first log call: with
+    collects a service's stdout; ``journal`` sends to ``journal_socket``).
+    Raises ``ValueError`` for an unknown level or format. Call it once,
+    before the first log call: with
     ``cache_logger_on_first_use`` a logger that has already logged keeps the
     configuration it first saw.
     """
@@ -139,18 +177,28 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     if fmt not in FORMATS:
         raise ValueError(f"unknown log format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = stream if stream is not None else sys.stdout
-    as_json = _want_json(fmt, out)
+    resolved = _format(fmt, out)
 
     _gate.level = numeric
     _gate.name = level.lower()
-    shared, renderer = _processors(as_json, out)
+    shared, renderer = _processors(resolved != "console", out)
+    factory: Any = structlog.WriteLoggerFactory(file=out)
+    final: Processor = renderer
+    if _journal.factory is not None:
+        _journal.factory.close()
+        _journal.factory = None
+    if resolved == "journal":
+        _journal.factory = JournalLoggerFactory(out, journal_socket)
+        factory, final = _journal.factory, JournalRenderer()
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, final],
         wrapper_class=_GatedBoundLogger,
         context_class=dict,
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    # The standard library's records (third-party libraries, rare) stay JSON
+    # lines on the stream, which journald stores as messages.
     _route_stdlib(out, shared, renderer, numeric)
 
 

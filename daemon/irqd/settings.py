@@ -64,6 +64,8 @@ class Flags:
     sim_msi_vectors: int | None = None
     log_level: str | None = None
     log_format: str | None = None
+    metrics_file: Path | None = None
+    metrics_interval: float | None = None
 
     def given(self) -> frozenset[str]:
         """The ``ServerConfig`` fields set by a flag: a reload leaves them be."""
@@ -78,6 +80,8 @@ class Flags:
                 ("hot_loop", self.hot_loop),
                 ("log_level", self.log_level),
                 ("log_format", self.log_format),
+                ("metrics_file", self.metrics_file),
+                ("metrics_interval", self.metrics_interval),
             )
             if value is not None
         )
@@ -92,6 +96,7 @@ class Defaults:
     hot_loop: HotLoop = ServerConfig.hot_loop
     log_level: str = ServerConfig.log_level
     log_format: str = ServerConfig.log_format
+    metrics_interval: float = ServerConfig.metrics_interval
     sim: SimConfig = ServerConfig.sim
     #: The socket path of an instance (``sim`` or the PCI address).
     socket_path: Callable[[str], Path] = default_socket_path
@@ -134,6 +139,10 @@ def resolve(
         access_policy=file.access_policy,
         wait_for_device=pick(flags.wait or None, file.wait, False),
         hot_loop=pick(flags.hot_loop, file.hot_loop, defaults.hot_loop),
+        metrics_file=pick(flags.metrics_file, file.metrics_file, None),
+        metrics_interval=pick(
+            flags.metrics_interval, file.metrics_interval, defaults.metrics_interval
+        ),
         cli_fixed=flags.given(),
     )
 
@@ -214,8 +223,8 @@ def reload_plan(
     The same rule as at start: a flag given on the command line (in
     ``current.cli_fixed``) beats the file, the file beats the default: a key
     the file no longer has goes back to its default. Only ``log.level``,
-    ``[access]`` and ``[limits]`` can change while running; a new value for
-    another key is refused (reported, not applied).
+    ``[access]``, ``[limits]`` and ``[metrics]`` can change while running; a
+    new value for another key is refused (reported, not applied).
     """
     defaults = defaults if defaults is not None else Defaults()
     fixed = current.cli_fixed
@@ -230,6 +239,22 @@ def reload_plan(
     elif level != current.log_level:
         changes["log_level"] = level
         changed.append(f"log.level={level}")
+    # The metrics file and interval: rewritten by a loop that reads the
+    # running config every round, so a new value applies from the next one.
+    metrics: tuple[tuple[str, str, object, object], ...] = (
+        ("metrics.file", "metrics_file", file.metrics_file, None),
+        ("metrics.interval", "metrics_interval", file.metrics_interval, defaults.metrics_interval),
+    )
+    for key, attr, wanted, default in metrics:
+        running = getattr(current, attr)
+        if attr in fixed:
+            if wanted not in (None, running):
+                kept.append(f"{key} (given on the command line)")
+            continue
+        value = pick(None, wanted, default)
+        if value != running:
+            changes[attr] = value
+            changed.append(f"{key}={value if value is not None else ''}")
     # No flag sets these: the file's table, or None for the built-in default.
     if file.access_policy != current.access_policy:
         changes["access_policy"] = file.access_policy

@@ -19,6 +19,7 @@ __all__ = [
     "HelloResult",
     "IndexInfo",
     "LatencyStats",
+    "LifecycleStats",
     "SimEventfdsResult",
     "StatsClient",
     "StatsResult",
@@ -160,6 +161,13 @@ class DmaStats(TypedDict):
     mappings: int
 
 
+class LifecycleStats(TypedDict):
+    """``stats.lifecycle``: restarts the device was carried across, since a fresh start."""
+
+    handovers: int
+    crash_recoveries: int
+
+
 class StatsResult(TypedDict):
     """``stats``."""
 
@@ -172,3 +180,4 @@ class StatsResult(TypedDict):
     msix_strategy: str
     uptime_s: float
     dma: DmaStats
+    lifecycle: LifecycleStats

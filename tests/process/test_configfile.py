@@ -146,3 +146,18 @@ def test_flags_override_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         main(["serve", "--config", str(path), "--msix-strategy", "grow"])
     assert caught.value.code == 2
     assert isinstance(config.access_policy, AccessPolicy)
+
+
+def test_the_metrics_table(tmp_path: Path) -> None:
+    text = '[metrics]\nfile = "/var/lib/node-exporter/irqd.prom"\ninterval = 2\n'
+    settings = load_settings(write(tmp_path, text))
+    assert settings.metrics_file == Path("/var/lib/node-exporter/irqd.prom")
+    assert settings.metrics_interval == 2.0
+    for bad, reason in (
+        ('file = "irqd.prom"', "metrics.file: must be an absolute path"),
+        ("interval = 0", "metrics.interval: 0 must be a positive number"),
+        ('interval = "5"', "metrics.interval: must be a number of seconds"),
+        ("every = 5", "metrics.every: unknown key"),
+    ):
+        with pytest.raises(ConfigFileError, match=reason):
+            load_settings(write(tmp_path, f"[metrics]\n{bad}\n"))

@@ -7,7 +7,6 @@ here the daemon runs in the test's own, so its state can be looked at.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -52,16 +51,6 @@ async def start(nursery: trio.Nursery, tmp_path: Path, notifier: Notifier) -> Da
         )
     )
     return daemon
-
-
-@pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[FakeManager]:
-    manager = FakeManager(tmp_path / "notify")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(manager.run)
-        yield manager
-        nursery.cancel_scope.cancel()
-    manager.close()
 
 
 async def test_a_hand_over_the_store_never_took_is_called_off_and_serving_goes_on(

@@ -20,7 +20,7 @@ from irqd.errors import ConfigError
 from irqd.hotpath.native import NativeHotLoop
 from irqd.hotpath.python import PollLoop
 from irqd.logsetup import current_level, set_log_level
-from irqd.process.activation import InheritedFds, check_listener, inherited_fds
+from irqd.process.activation import InheritedFds, check_listener, inherited_fds, split_fd_names
 from irqd.process.sdnotify import Notifier, watchdog_interval
 from irqd.process.service import serve
 from irqd.server.daemon import Daemon
@@ -253,9 +253,18 @@ async def test_sigterm_tells_clients_disables_everything_and_ends_in_bounded_tim
             assert isinstance(note, ShutdownNotification)
             await done.wait()
             stuck.close()
+            end = trio.current_time()
+            # The manager reads what the daemon sent on its own time.
+            with trio.fail_after(5):
+                while manager.store:
+                    await manager.wait_for("FDSTOREREMOVE", since=len(manager.messages))
     assert status == [0]
-    assert trio.current_time() - start <= config.stop_timeout
-    assert "STOPPING" in manager.messages[-1]
+    assert end - start <= config.stop_timeout
+    # STOPPING=1, and in the end (the device closed) the live fd store emptied:
+    # nothing is left for a later start to adopt.
+    assert any("STOPPING" in m for m in manager.messages)
+    assert "FDSTOREREMOVE" in manager.messages[-1]
+    assert manager.store == []
     # Every index disabled before the device was closed, and the socket file gone.
     assert sim.active_index() is None
     assert sim.calls[-1].count == 0 and sim.calls[-1].index == IrqIndex.MSIX
@@ -266,6 +275,20 @@ def test_a_pid_that_is_not_ours_gets_no_fds() -> None:
     env = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
     assert not inherited_fds(env)
     assert env == {}  # read once, then gone, as sd_listen_fds(unset_environment=1)
+
+
+def test_a_socket_named_after_its_unit_does_not_shift_the_stored_names() -> None:
+    # systemd's default name for a socket unit's fd is the unit's name, colons and all.
+    names = "vfio-irqd@0000:00:05.0.socket:listener:live-state:client-3"
+    assert split_fd_names(names, 4) == [
+        "vfio-irqd@0000:00:05.0.socket",
+        "listener",
+        "live-state",
+        "client-3",
+    ]
+    assert split_fd_names("a:b", 2) == ["a", "b"]
+    assert split_fd_names("a", 2) == ["a"]
+    assert split_fd_names("x:y:z", 1) == ["x:y:z"]
 
 
 def test_only_a_listening_unix_stream_socket_is_taken() -> None:
@@ -285,3 +308,22 @@ def test_only_a_listening_unix_stream_socket_is_taken() -> None:
     taken = check_listener(good.detach())
     assert not taken.get_inheritable()
     taken.close()
+
+
+def test_a_manager_that_stops_reading_does_not_hang_the_daemon(tmp_path: Path) -> None:
+    # Nobody reads this socket: once its queue (max_dgram_qlen) is full a send
+    # waits; it must give up instead of blocking the daemon for good.
+    path = tmp_path / "notify"
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind(str(path))
+    notifier = Notifier(str(path))
+    sent = 0
+    try:
+        while notifier.status(f"message {sent}"):
+            sent += 1
+            assert sent < 100_000, "every send went through: the queue never filled"
+    finally:
+        notifier.close()
+        deaf.close()
+    # The queue took some, then a send timed out instead of waiting for good.
+    assert sent > 0

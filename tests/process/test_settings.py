@@ -195,3 +195,36 @@ def test_a_flag_still_beats_the_file_on_reload() -> None:
     # The file agreeing with the flag is nothing to report.
     same = reload_plan(current, replace(file, log_level="debug"), DEFAULTS)
     assert same.kept == ()
+
+
+# -- the metrics file (irqd.metrics): flag beats file beats default, reloadable -------------
+
+METRICS = Path("/var/lib/prometheus/node-exporter/sim.prom")
+
+
+def test_the_metrics_file_and_interval_follow_the_rule() -> None:
+    assert resolve(Flags(), None, DEFAULTS).metrics_file is None
+    assert resolve(Flags(), None, DEFAULTS).metrics_interval == 5.0
+    file = FileSettings(metrics_file=METRICS, metrics_interval=30.0)
+    from_file = resolve(Flags(), file, DEFAULTS)
+    assert (from_file.metrics_file, from_file.metrics_interval) == (METRICS, 30.0)
+    flags = Flags(metrics_file=Path("/x.prom"), metrics_interval=1.5)
+    from_flags = resolve(flags, file, DEFAULTS)
+    assert (from_flags.metrics_file, from_flags.metrics_interval) == (Path("/x.prom"), 1.5)
+    assert from_flags.cli_fixed == {"metrics_file", "metrics_interval"}
+
+
+def test_a_reload_changes_the_metrics_file_unless_a_flag_set_it() -> None:
+    file = FileSettings(path=FILE, metrics_file=METRICS, metrics_interval=10.0)
+    plan = reload_plan(running(), file, DEFAULTS)
+    assert plan.changed == (f"metrics.file={METRICS}", "metrics.interval=10.0")
+    assert (plan.config.metrics_file, plan.config.metrics_interval) == (METRICS, 10.0)
+    # Dropped from the file: back to no file and the default interval.
+    back = reload_plan(plan.config, FileSettings(path=FILE), DEFAULTS)
+    assert (back.config.metrics_file, back.config.metrics_interval) == (None, 5.0)
+    assert back.changed == ("metrics.file=", "metrics.interval=5.0")
+    fixed = running(metrics_file=Path("/x.prom"), cli_fixed=frozenset({"metrics_file"}))
+    kept = reload_plan(fixed, file, DEFAULTS)
+    assert kept.config.metrics_file == Path("/x.prom")
+    assert kept.kept == ("metrics.file (given on the command line)",)
+    assert kept.changed == ("metrics.interval=10.0",)

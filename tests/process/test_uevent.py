@@ -134,8 +134,12 @@ async def test_wait_returns_at_once_when_already_bound(tmp_path: Path) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     source = UeventSource(b.fileno())
     with a, b:
-        await wait_for_vfio(BDF, source, fake_sysfs(tmp_path, "vfio-pci"))
+        told: list[str] = []
+        await wait_for_vfio(
+            BDF, source, fake_sysfs(tmp_path, "vfio-pci"), waiting=lambda: told.append("waiting")
+        )
     source.close()
+    assert told == []  # nobody is told to bind a device that is bound already
 
 
 async def test_wait_until_a_bind_uevent_arrives(tmp_path: Path) -> None:
@@ -144,13 +148,18 @@ async def test_wait_until_a_bind_uevent_arrives(tmp_path: Path) -> None:
     source = UeventSource(b.fileno())
     done = trio.Event()
 
+    told: list[str] = []
+
     async def waiter() -> None:
-        await wait_for_vfio(BDF, source, sysfs)
+        await wait_for_vfio(BDF, source, sysfs, waiting=lambda: told.append("waiting"))
         done.set()
 
     with a, b:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            # Told only after sysfs said "not bound", so a bind from now on is seen.
+            assert told == ["waiting"]
             for datagram in (KERNEL_UNBIND, KERNEL_VFIO_NODE, b"garbage", UDEV_BIND[:20]):
                 a.send(datagram)
                 await trio.testing.wait_all_tasks_blocked()

@@ -79,6 +79,30 @@ def test_the_service_has_what_the_issue_asks_for() -> None:
         "SocketGroup=vfio-irqd",
     ):
         assert f"\n{line}" in socket_unit, line
+    # A name without the instance's colons: $LISTEN_FDNAMES is colon-separated,
+    # and the fd store's names follow the socket's.
+    names = [
+        ln.split("=", 1)[1]
+        for ln in socket_unit.splitlines()
+        if ln.startswith("FileDescriptorName=")
+    ]
+    assert len(names) == 1 and names[0] and ":" not in names[0], names
+
+
+def test_the_service_allows_only_the_device_nodes_the_daemon_opens() -> None:
+    """The legacy container and group nodes (irqd.device.vfio_open), nothing else.
+
+    Neither the cdev/iommufd nodes nor a capability for no-IOMMU mode, which
+    the daemon refuses: the unit and docs/operations.md say so alike.
+    """
+    service = (UNITS / "vfio-irqd@.service").read_text()
+    allowed = [line for line in service.splitlines() if line.startswith("DeviceAllow=")]
+    assert allowed == ["DeviceAllow=/dev/vfio/vfio rw", "DeviceAllow=char-vfio rw"]
+    assert "\nCapabilityBoundingSet=\n" in service
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    for text in (service, operations):
+        assert "CAP_SYS_RAWIO" not in text
+        assert "char-vfio-dev" not in text
 
 
 async def kill_if_failed(proc: trio.Process) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import hashlib
 import importlib.util
 import json
 import lzma
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -328,14 +329,14 @@ def _build_initrd(unpacked: Path, out: Path) -> None:
     out.write_bytes(cpio.finish())
 
 
-def initrd_with_init(kernel: Kernel, out: Path) -> Path:
-    """The cached archive plus a second one carrying the current ``guest/init``.
+def initrd_with_init(kernel: Kernel, out: Path, init: str = "init") -> Path:
+    """The cached archive plus a second one carrying the current ``guest/<init>`` as /init.
 
     The kernel unpacks concatenated cpio archives in order, so the init script
     can change without rebuilding the cached one.
     """
     cpio = _Cpio()
-    cpio.add("init", stat.S_IFREG | 0o755, (Path(__file__).parent / "guest" / "init").read_bytes())
+    cpio.add("init", stat.S_IFREG | 0o755, (Path(__file__).parent / "guest" / init).read_bytes())
     out.write_bytes(kernel.initrd.read_bytes() + cpio.finish())
     return out
 
@@ -412,6 +413,33 @@ class GuestResult:
     host_fire: dict[str, object]
     #: check_nvme_image's verdict on the NVMe backing file after the guest exited.
     nvme_image: dict[str, Any]
+    #: Every other text file the guest left in its results folder, by name.
+    files: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def collected(
+        cls,
+        returncode: int,
+        seconds: float,
+        console: str,
+        results: dict[str, object],
+        *,
+        firer: HostFirer,
+        image: Path,
+        files: dict[str, str] | None = None,
+    ) -> GuestResult:
+        """The result of a guest that has exited: what the host fired, and the
+        NVMe backing file checked against what the guest says it wrote."""
+        reported = results.get("nvme_image")
+        return cls(
+            returncode,
+            seconds,
+            console,
+            results,
+            {"written": {str(k): v for k, v in firer.written.items()}},
+            check_nvme_image(image, reported) if isinstance(reported, dict) else {},
+            files or {},
+        )
 
 
 def nvme_pattern() -> Any:
@@ -462,18 +490,24 @@ def check_nvme_image(image: Path, report: dict[str, Any]) -> dict[str, Any]:
 
 
 def qemu_command(
-    kernel: Kernel, work: Path, initrd: Path, nvme_image: Path | None = None
+    kernel: Kernel,
+    work: Path,
+    initrd: Path,
+    nvme_image: Path | None = None,
+    *,
+    extra_append: str = "",
+    timeout: int = GUEST_TIMEOUT,
 ) -> list[str]:
     """The QEMU command line (docs/real-device.md: what worked), bounded by timeout(1)."""
     append = (
         "console=ttyS0 rdinit=/init panic=-1 loglevel=4 no_timer_check intel_iommu=on "
-        f"mitigations=off irqd_repo={REPO} irqd_label={kernel.spec.label}"
-    )
+        f"mitigations=off irqd_repo={REPO} irqd_label={kernel.spec.label} {extra_append}"
+    ).strip()
     return [
         "timeout",
         "-k",
         "5",
-        str(GUEST_TIMEOUT),
+        str(timeout),
         "qemu-system-x86_64",
         "-machine",
         "q35,accel=tcg",
@@ -679,12 +713,158 @@ def run_guest(kernel: Kernel) -> GuestResult:
             # Everything the guest reported, for a look after a passing run too.
             Path(keep).mkdir(parents=True, exist_ok=True)
             shutil.copy(results_file, Path(keep) / f"results-{kernel.spec.label}.json")
-        reported = results.get("nvme_image")
-        return GuestResult(
-            proc.returncode,
-            seconds,
-            console,
-            results,
-            {"written": {str(k): v for k, v in firer.written.items()}},
-            check_nvme_image(image, reported) if isinstance(reported, dict) else {},
+        return GuestResult.collected(
+            proc.returncode, seconds, console, results, firer=firer, image=image
         )
+
+
+#: A bound on each systemd boot (test_systemd.py): a passing one takes about 3 minutes
+#: with both kernels' guests at once on two cores.
+SYSTEMD_GUEST_TIMEOUT = int(os.environ.get("VFIO_IRQD_VM_SYSTEMD_TIMEOUT", "480"))
+
+
+def start_systemd_guest(
+    kernel: Kernel, work: Path, units: Path, unit: str, *, append: str = ""
+) -> tuple[subprocess.Popen[bytes], IvshmemServer, HostFirer, Path]:
+    """Start (without waiting) a guest whose PID 1 is the host's systemd (guest/init-systemd).
+
+    ``units`` (a directory on the host, outside /tmp: the guest mounts a tmpfs
+    there) holds the scenario's own ``*.service``/``*.target`` files, copied to
+    the guest's /etc/systemd/system; systemd starts ``unit``. The guest writes
+    into ``work/results``. Returns QEMU, the ivshmem server, the host end of the
+    control line and the NVMe backing file; ``finish_guest`` collects.
+    """
+    (work / "results").mkdir(exist_ok=True)
+    server = IvshmemServer(work / "ivshmem.sock", IVSHMEM_VECTORS)
+    firer = HostFirer(work / "ctl.sock", server)
+    image = work / "nvme.img"
+    image.write_bytes(nvme_pattern().image(NVME_IMAGE_BYTES))
+    initrd = initrd_with_init(kernel, work / "initrd.cpio", "init-systemd")
+    extra = f"irqd_units={units} irqd_unit={unit} {append}"
+    argv = qemu_command(
+        kernel, work, initrd, image, extra_append=extra, timeout=SYSTEMD_GUEST_TIMEOUT
+    )
+    log = (work / "console.log").open("wb")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return proc, server, firer, image
+
+
+def finish_guest(
+    kernel: Kernel,
+    work: Path,
+    started: tuple[subprocess.Popen[bytes], IvshmemServer, HostFirer, Path],
+    t0: float,
+) -> GuestResult:
+    """Wait for a ``start_systemd_guest`` guest; what it reported, as ``run_guest`` returns."""
+    proc, server, firer, image = started
+    try:
+        proc.wait()
+    finally:
+        firer.close()
+        server.close()
+    seconds = time.monotonic() - t0
+    console = (work / "console.log").read_text(errors="replace")
+    results: dict[str, object] = {}
+    files: dict[str, str] = {}
+    for path in sorted((work / "results").iterdir()):
+        if path.is_file():
+            files[path.name] = path.read_text(errors="replace")
+    with contextlib.suppress(ValueError, KeyError):
+        results = json.loads(files.pop("results.json"))
+    keep = os.environ.get("VFIO_IRQD_VM_KEEP")
+    if keep:
+        dest = Path(keep) / f"systemd-{kernel.spec.label}"
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(work / "results", dest, dirs_exist_ok=True)
+        shutil.copy(work / "console.log", dest / "console.log")
+    return GuestResult.collected(
+        proc.returncode, seconds, console, results, firer=firer, image=image, files=files
+    )
+
+
+# -- the installed package for the systemd boots ------------------------------------------
+
+#: What `make install` reads: a change to any of these builds the stage again.
+STAGE_INPUTS = (
+    *("daemon", "proto", "systemd", "docs/vfio-irqd.8", "pyproject.toml", "setup.py"),
+    *("Makefile", "README.md", "LICENSE"),
+)
+#: An outer make's flags and the Makefile's variables, kept out of the install's make.
+_MAKE_VARIABLES = frozenset(
+    (
+        *("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "DESTDIR", "PREFIX", "BINDIR", "PKGLIBDIR"),
+        *("MANDIR", "UNITDIR", "SYSUSERSDIR", "TMPFILESDIR", "PIP_INSTALL_FLAGS", "PYTHON", "VENV"),
+    )
+)
+
+
+def _stage_files() -> list[str]:
+    """The checkout's files that `make install` reads (tracked and new, not ignored)."""
+    try:
+        out = _run(
+            ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "--", *STAGE_INPUTS]
+        ).stdout
+        names = out.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        # Not a git checkout (an unpacked release): every file there but byte code and builds.
+        names = [
+            str(path.relative_to(REPO))
+            for top in STAGE_INPUTS
+            for path in ([REPO / top] if (REPO / top).is_file() else (REPO / top).rglob("*"))
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".so"
+        ]
+    return sorted(name for name in names if (REPO / name).is_file())
+
+
+def _stage_hash(files: list[str]) -> str:
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def ensure_stage() -> Path:
+    """``make install PREFIX=/usr DESTDIR=<stage>/root`` (a package build), cached by
+    ``_stage_hash``; ``<stage>/package.tar`` is that tree as one archive.
+
+    The guest unpacks the archive over its root, as a package manager would: one
+    file over 9p is read in a second under TCG, the ~2,000 files of the tree in
+    tens of seconds. The interpreter is Debian's /usr/bin/python3 (the units run
+    with ProtectHome=yes, so the Makefile refuses one under /root), the one the
+    guest sees too. Older stages are removed.
+    """
+    files = _stage_files()
+    stage = CACHE / f"stage-{_stage_hash(files)}"
+    if (stage / "done").exists():
+        return stage
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for old in CACHE.glob("stage-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    build = CACHE / "stage.build"
+    shutil.rmtree(build, ignore_errors=True)
+    # From a copy of those files: pip builds in the tree's build/, which another
+    # `make install` in the same checkout (tests/process/test_install.py) empties.
+    source = build / "src"
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    env = {k: v for k, v in os.environ.items() if k not in _MAKE_VARIABLES}
+    argv = ["make", "--no-print-directory", "-C", str(source), "install", "PREFIX=/usr"]
+    proc = subprocess.run(
+        [*argv, f"DESTDIR={build / 'root'}", "PYTHON=/usr/bin/python3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"make install failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    shutil.rmtree(source)
+    # The staged interpreter imports the program as installed (#! lines name the final paths).
+    _run([str(build / "root/usr/lib/vfio-irqd/venv/bin/python"), "-c", "import irqd.tools.cli"])
+    _run(["tar", "-C", str(build / "root"), "-cf", str(build / "package.tar"), "."], timeout=300)
+    (build / "done").write_text(stage.name + "\n")
+    build.rename(stage)
+    return stage

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
@@ -208,13 +210,30 @@ class UeventSource:
         self._sock.close()
 
 
+def _uevent_socket_class() -> type[Any]:
+    """pyroute2's ``UeventSocket``, imported quietly.
+
+    Importing pyroute2 loads its traffic-control tables, which read
+    ``/proc/net/psched`` and warn twice when it is missing, as it is under the
+    unit's ``ProcSubset=pid``; the daemon uses no traffic control, so those
+    two warnings are noise at every start.
+    """
+    quiet = logging.getLogger("pyroute2.netlink.rtnl.tcmsg")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from pyroute2 import UeventSocket  # noqa: PLC0415  only ``serve`` needs netlink
+    finally:
+        quiet.setLevel(level)
+    cls: type[Any] = UeventSocket
+    return cls
+
+
 @contextlib.contextmanager
 def open_uevent_source() -> Iterator[UeventSource]:
     """Kernel uevents through pyroute2's ``UeventSocket`` (needs the initial user namespace's
     network namespace or one it owns; systemd's ``PrivateNetwork=`` namespace qualifies)."""
-    from pyroute2 import UeventSocket  # noqa: PLC0415  only ``serve`` needs netlink
-
-    nl = UeventSocket()
+    nl = _uevent_socket_class()()
     try:
         nl.bind(groups=KERNEL_GROUP)
         source = UeventSource(nl.fileno())
@@ -226,16 +245,25 @@ def open_uevent_source() -> Iterator[UeventSource]:
         nl.close()
 
 
-async def wait_for_vfio(bdf: str, source: UeventSource, sysfs: Path = Path("/sys")) -> None:
+async def wait_for_vfio(
+    bdf: str,
+    source: UeventSource,
+    sysfs: Path = Path("/sys"),
+    waiting: Callable[[], object] | None = None,
+) -> None:
     """Return once ``bdf`` is bound to vfio-pci.
 
     ``source`` must already be open: sysfs is read after it, so a bind between
-    the two is seen either way.
+    the two is seen either way. ``waiting`` is called only when the device was
+    not bound when sysfs was read, before waiting for its uevent: whoever it
+    tells (``STATUS=`` for systemd) may bind it from then on.
     """
     driver = current_driver(bdf, sysfs)
     if driver == VFIO_DRIVER:
         return
     log.info("device.waiting", device=bdf, driver=driver, want=VFIO_DRIVER)
+    if waiting is not None:
+        waiting()
     while True:
         event = await source.receive()
         if is_vfio_bound(event, bdf) or (

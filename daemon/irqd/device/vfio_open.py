@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,13 +133,28 @@ def open_path(path: Path, bdf: str) -> int:
 
 
 def group_number_of(group_fd: int) -> int | None:
-    """The N of the ``/dev/vfio/N`` an fd has open; ``None`` if it is no such file."""
+    """The N of the ``/dev/vfio/N`` an fd has open; ``None`` if it is no such file.
+
+    Matched by device number against the nodes in ``/dev/vfio``, not by the
+    path ``/proc/self/fd`` shows: an fd opened by an earlier start of a
+    sandboxed unit lives on that start's own mount of ``/dev`` (each start gets
+    a new mount namespace), and the kernel then shows its path inside the
+    devtmpfs (``/vfio/3``), not ``/dev/vfio/3``.
+    """
     try:
-        target = os.readlink(f"/proc/self/fd/{group_fd}")
+        st = os.fstat(group_fd)
+        names = os.listdir(DEV_VFIO)
     except OSError:
         return None
-    name = Path(target)
-    return int(name.name) if name.parent == DEV_VFIO and name.name.isdigit() else None
+    if not stat.S_ISCHR(st.st_mode):
+        return None
+    for name in names:
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(DEV_VFIO / name).st_rdev == st.st_rdev:
+                return int(name)
+    return None
 
 
 def close_quietly(fd: int) -> None:

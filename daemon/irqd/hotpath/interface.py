@@ -27,6 +27,7 @@ import trio
 
 from irqd.device.base import IrqIndex
 from irqd.hotpath.dispatcher import DispatcherStats
+from irqd.hotpath.guard import StreamGuard
 from irqd.hotpath.session import PeerCredentials, Session
 
 #: ``deliver(token, count)``: credit ``count`` signals read under ``token``.
@@ -96,6 +97,19 @@ class HotLoop(VectorPoller, Protocol):
     @property
     def rounds(self) -> int:
         """Rounds the loop has gone so far: the watchdog's proof of life."""
+
+    def attach_guard(self, guard: StreamGuard | None) -> None:
+        """Keep each session's "may be mid-message" mark in ``guard`` from now on.
+
+        Every session made after this takes a slot there (``Session.guard_slot``;
+        ``None`` when it is full) and gives it back when its output is closed;
+        the loop keeps the slot's byte 0 whenever the client's stream is at a
+        message boundary (irqd.hotpath.guard). ``None`` detaches: later
+        sessions have no slot. Call it before making sessions: the native
+        loop refuses (``ValueError``) while a session with a slot is open.
+        The guard must outlive the loop's use of it: detach or ``close`` the
+        loop before closing the guard.
+        """
 
     def new_session(
         self, sock: trio.socket.SocketType, session_id: int, peer: PeerCredentials

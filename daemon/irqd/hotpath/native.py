@@ -34,6 +34,7 @@ import trio
 
 from irqd.device.base import IrqIndex
 from irqd.hotpath.dispatcher import DispatcherStats
+from irqd.hotpath.guard import StreamGuard
 from irqd.hotpath.interface import Deliver, Subscriber
 from irqd.hotpath.native_session import NativeSession
 from irqd.hotpath.session import PeerCredentials, Session
@@ -87,6 +88,7 @@ class NativeHotLoop:
         # and then whether the thread gave up on it. Weak: a session is the
         # client loop's, and ends with it.
         self._sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
+        self._guard: StreamGuard | None = None
 
     @property
     def name(self) -> str:
@@ -141,11 +143,19 @@ class NativeHotLoop:
 
     # -- sessions, statistics ------------------------------------------------------------
 
+    def attach_guard(self, guard: StreamGuard | None) -> None:
+        """The thread marks each later session's slot in ``guard`` around its sends
+        (``HotLoop.set_guard`` holds the mapping until detached or closed).
+        ``ValueError`` while a session with a slot is open."""
+        if not self._closed:
+            self.hot.set_guard(guard.buffer if guard is not None else None)
+        self._guard = guard
+
     def new_session(
         self, sock: trio.socket.SocketType, session_id: int, peer: PeerCredentials
     ) -> Session:
         """A session whose counters and output queue are the extension's."""
-        session = NativeSession(sock, session_id, peer, self.latency, self.hot)
+        session = NativeSession(sock, session_id, peer, self.latency, self.hot, guard=self._guard)
         self._sessions.add(session)
         return session
 

@@ -21,6 +21,10 @@ control buffer, however many ERRs and grows there are.
 by what Trio adds, so Trio waits for the socket to become writable whenever
 the queue is above :data:`OUTPUT_HIGH_WATER` (and until it is empty when the
 message carries fds, which the extension holds until they are sent).
+
+With a stream guard (irqd.hotpath.guard) the extension is given the session's
+slot and its all-or-nothing send size, and its thread keeps the slot's byte
+(``_hotloop.c``, ``client_write``); the session only gives the slot back.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from irqd.device.base import IrqIndex
+from irqd.hotpath.guard import StreamGuard
 from irqd.hotpath.session import PeerCredentials, PendingControl, Session, SessionOutput
 from irqd.stats import LatencyHistogram
 from irqd.tokens import make_token, split_token
@@ -55,11 +60,21 @@ class NativeSession(Session):
         peer: PeerCredentials,
         latency: LatencyHistogram,
         hot: HotLoop,
+        *,
+        guard: StreamGuard | None = None,
     ) -> None:
-        super().__init__(sock, session_id, peer, latency)
+        super().__init__(sock, session_id, peer, latency, guard)
         self._hot = hot
         #: The extension's id for this client (``irqd.hotpath.native.NativeHotLoop`` uses it).
-        self.client_id = hot.add_client(sock.fileno())
+        try:
+            self.client_id = hot.add_client(
+                sock.fileno(),
+                -1 if self.guard_slot is None else self.guard_slot,
+                self.atomic_max,
+            )
+        except BaseException:
+            self._release_guard_slot()
+            raise
         # What the counters held before this process (``restore_counters``), and
         # what Trio itself queued; the extension counts what its thread writes.
         self._base_delivered = 0
@@ -209,9 +224,17 @@ class NativeSession(Session):
         super().release_output()
 
     def restore_output(self, outbox: list[bytes]) -> None:
-        """Straight into the extension's queue, before any count is credited."""
+        """Straight into the extension's queue, before any count is credited.
+
+        It may begin inside a message the previous process started: marked
+        before it is queued, the thread clears the mark once it has all gone
+        out. (The thread writes nothing else to a session this new, so it
+        cannot clear the mark in between.)
+        """
         data = b"".join(outbox)
         if data:
+            if self._guard is not None and self.guard_slot is not None:
+                self._guard.mark(self.guard_slot)
             self._hot.send(self.client_id, data)
 
     def restore_counters(self, delivered: int, notifications: int) -> None:
@@ -230,3 +253,5 @@ class NativeSession(Session):
         self._removed = True
         with contextlib.suppress(KeyError, ValueError):
             self._hot.remove_client(self.client_id)
+        # Only now: the thread writes the slot's byte until the client is removed.
+        self._release_guard_slot()

@@ -26,6 +26,7 @@ import trio
 
 from irqd.eventfd import EventFd
 from irqd.hotpath.dispatcher import TOKEN_MAX, Dispatcher, DispatcherStats
+from irqd.hotpath.guard import StreamGuard
 from irqd.hotpath.interface import Deliver, Subscriber
 from irqd.hotpath.python_session import PythonSession
 from irqd.hotpath.session import PeerCredentials, Session
@@ -126,6 +127,7 @@ class PythonHotLoop(PollLoop):
     def __init__(self, latency: LatencyHistogram | None = None) -> None:
         super().__init__(Dispatcher())
         self.latency = latency if latency is not None else LatencyHistogram()
+        self._guard: StreamGuard | None = None
 
     @property
     def name(self) -> str:
@@ -168,11 +170,15 @@ class PythonHotLoop(PollLoop):
 
     # -- what the daemon asks ---------------------------------------------------------------
 
+    def attach_guard(self, guard: StreamGuard | None) -> None:
+        """Sessions made from now on keep their mark in ``guard`` (``None``: none do)."""
+        self._guard = guard
+
     def new_session(
         self, sock: trio.socket.SocketType, session_id: int, peer: PeerCredentials
     ) -> Session:
         """A session with Python's counters, written by its own sender task."""
-        return PythonSession(sock, session_id, peer, self.latency)
+        return PythonSession(sock, session_id, peer, self.latency, self._guard)
 
     def dispatch_stats(self, own: DispatcherStats) -> dict[str, Any]:
         """Both Trio loops' drains together, as when they shared one epoll set."""

@@ -11,6 +11,12 @@ taken while holding it, so ``respond`` writes them ahead of the response.
 Control notifications wait coalesced (:class:`PendingControl`) and are taken
 with the counts, ahead of them: while the sender is stuck on a client that
 does not read, nothing grows but the counters and that one record.
+
+With a stream guard (irqd.hotpath.guard) each ``_sendall`` is one run of
+whole messages: sent in one all-or-nothing send it leaves the stream at a
+message boundary, so only a larger run, one with fds, or a restored outbox
+(which may begin inside a message) marks the session's byte first; the byte
+is cleared when the run has gone out whole.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import trio
 
 from irqd.device.base import IrqIndex
+from irqd.hotpath.guard import StreamGuard
 from irqd.hotpath.session import (
     SCM_MAX_FD,
     PeerCredentials,
@@ -45,8 +52,9 @@ class PythonSession(Session):
         session_id: int,
         peer: PeerCredentials,
         latency: LatencyHistogram,
+        guard: StreamGuard | None = None,
     ) -> None:
-        super().__init__(sock, session_id, peer, latency)
+        super().__init__(sock, session_id, peer, latency, guard)
         self._delivered = 0
         self._notifications = 0
         self._pending: dict[IrqIndex, dict[int, int]] = {}
@@ -58,10 +66,14 @@ class PythonSession(Session):
 
     @classmethod
     def from_state(
-        cls, sock: trio.socket.SocketType, state: dict[str, Any], latency: LatencyHistogram
+        cls,
+        sock: trio.socket.SocketType,
+        state: dict[str, Any],
+        latency: LatencyHistogram,
+        guard: StreamGuard | None = None,
     ) -> PythonSession:
         """The session ``export_state`` described, on its adopted socket."""
-        session = cls(sock, int(state["id"]), PeerCredentials.of(sock), latency)
+        session = cls(sock, int(state["id"]), PeerCredentials.of(sock), latency, guard)
         session.restore(state)
         return session
 
@@ -128,7 +140,8 @@ class PythonSession(Session):
             await self._send_locked(b"")
 
     def close_output(self) -> None:
-        """Nothing to let go of: the counters die with the session."""
+        """Give back the guard slot; the counters die with the session."""
+        self._release_guard_slot()
 
     async def _send_locked(self, tail: bytes, fds: Sequence[int] = ()) -> None:
         since_ns = self._pending_since_ns
@@ -164,6 +177,13 @@ class PythonSession(Session):
         return b"".join(parts)
 
     async def _sendall(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        # ``data`` is whole messages. Unless one all-or-nothing send takes it
+        # (no fds, at most ``atomic_max`` bytes), the stream may be left
+        # inside a message until the last byte is out: mark it before the
+        # first byte goes.
+        guard, slot = self._guard, self.guard_slot
+        if guard is not None and slot is not None and (fds or len(data) > self.atomic_max):
+            guard.mark(slot)
         view = memoryview(data)
         pending_fds = list(fds)
         while pending_fds:
@@ -177,7 +197,13 @@ class PythonSession(Session):
             view = view[sent:]
         while view:
             sent = await self.sock.send(view)
+            if sent < len(view) and guard is not None and slot is not None:
+                # Not expected below ``atomic_max`` (a send buffer lowered
+                # after the session started): the mark is late but kept true.
+                guard.mark(slot)
             view = view[sent:]
+        if guard is not None and slot is not None:
+            guard.clear(slot)
 
     # -- restart without disconnecting (irqd.process.fdstore) ------------------------------
 
@@ -204,9 +230,15 @@ class PythonSession(Session):
         )
 
     def restore_output(self, outbox: list[bytes]) -> None:
-        """Queue what the previous process left unsent, ahead of anything else."""
+        """Queue what the previous process left unsent, ahead of anything else.
+
+        It may begin inside a message the previous process started: the
+        stream is mid-message until it has gone out (``_sendall`` clears).
+        """
         self._outbox.extend(outbox)
         if self._outbox:
+            if self._guard is not None and self.guard_slot is not None:
+                self._guard.mark(self.guard_slot)
             self._wake.set()
 
     def restore_counters(self, delivered: int, notifications: int) -> None:

@@ -21,7 +21,11 @@ and output queue, written by its thread). Both keep the same guarantees:
   when a client reads the answer to ``unsubscribe``, every count for that
   subscription is already in front of it;
 * for a hand-over (irqd.process.fdstore) the output can be held at a message
-  boundary, exported (``export_output``) and restored in the next process.
+  boundary, exported (``export_output``) and restored in the next process;
+* with a :class:`irqd.hotpath.guard.StreamGuard` attached to the hot loop, the
+  session has a slot there (``guard_slot``) whose byte is 0 whenever its
+  stream is at a message boundary, so that after a crash the next process
+  knows which client connections it can carry on.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 import trio
 
 from irqd.device.base import IrqIndex
+from irqd.hotpath.guard import StreamGuard, atomic_send_limit
 from irqd.stats import LatencyHistogram
 from irqproto.codec import encode
 from irqproto.messages import to_wire
@@ -215,6 +220,7 @@ class Session(ABC):
         session_id: int,
         peer: PeerCredentials,
         latency: LatencyHistogram,
+        guard: StreamGuard | None = None,
     ) -> None:
         self.sock = sock
         self.id = session_id
@@ -231,6 +237,14 @@ class Session(ABC):
         #: Held for every write, so that messages never interleave; held for
         #: good by ``hold_output`` during a hand-over.
         self._lock = trio.Lock()
+        self._guard = guard
+        #: This session's byte in the hot loop's :class:`StreamGuard` (0: the
+        #: stream is at a message boundary); ``None`` without a guard or when
+        #: every slot was taken, and then nothing proves where the stream is.
+        self.guard_slot: int | None = guard.allocate() if guard is not None else None
+        #: The largest send to this client that is all-or-nothing (what may
+        #: go out unmarked); read once, here (``atomic_send_limit``).
+        self.atomic_max = atomic_send_limit(sock.fileno()) if self.guard_slot is not None else 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.name!r} pid={self.peer.pid}>"
@@ -291,6 +305,13 @@ class Session(ABC):
     @abstractmethod
     def close_output(self) -> None:
         """The session is over; called before its socket is closed. Idempotent."""
+
+    def _release_guard_slot(self) -> None:
+        """Give the guard slot back (zeroed): the session's output has ended.
+        Called by ``close_output`` once nothing writes the stream any more."""
+        slot, self.guard_slot = self.guard_slot, None
+        if slot is not None and self._guard is not None:
+            self._guard.release(slot)
 
     # -- restart without disconnecting (irqd.process.fdstore) ------------------------------
 

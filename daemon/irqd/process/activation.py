@@ -76,6 +76,24 @@ class InheritedFds:
         return left
 
 
+def split_fd_names(text: str, count: int) -> list[str]:
+    """``$LISTEN_FDNAMES`` as one name per fd, even when a name has a colon in it.
+
+    The list is colon-separated, but systemd names a socket unit's fd after the
+    unit unless it sets ``FileDescriptorName=`` (systemd.socket(5)), and an
+    instance named after a PCI address has colons (``vfio-irqd@0000:03:00.0.socket``).
+    Socket fds come first and fd-store fds last (``service_collect_fds`` in
+    systemd's ``src/core/service.c``), and the daemon's own store names never
+    contain a colon: so the names are matched to fds from the end, and what is
+    left over is the first fd's name.
+    """
+    parts = text.split(":") if text else []
+    if len(parts) <= count or count <= 0:
+        return parts
+    tail = parts[len(parts) - (count - 1) :] if count > 1 else []
+    return [":".join(parts[: len(parts) - len(tail)]), *tail]
+
+
 def inherited_fds(env: MutableMapping[str, str] | None = None) -> InheritedFds:
     """Read and unset ``$LISTEN_FDS``/``$LISTEN_FDNAMES``/``$LISTEN_PID``.
 
@@ -95,7 +113,7 @@ def inherited_fds(env: MutableMapping[str, str] | None = None) -> InheritedFds:
         n = int(count)
     except ValueError:
         return result
-    names = names_text.split(":") if names_text else []
+    names = split_fd_names(names_text or "", n)
     for i in range(max(n, 0)):
         fd = SD_LISTEN_FDS_START + i
         os.set_inheritable(fd, False)

@@ -32,6 +32,14 @@ then says ``READY=1``. It removes every adopted fd from the store again
 (``FDSTOREREMOVE=1``): otherwise systemd would keep each client socket open
 after the client's session ends, and the client would never see EOF.
 
+The fd store holds most of this all the time (irqd.process.livestore): from
+the moment the device is open, every fd above is kept there under the same
+name, beside a crash-consistent ``live-state`` memfd, so that a process that
+dies without a hand-over leaves a restart something to adopt. The hand-over's
+``FDSTORE=1`` of an fd the store holds already is ignored by systemd; the
+sealed ``state`` is what it adds, and a ``state`` wins over ``live-state``
+(it has the exact counts). :func:`take_carried` reads either.
+
 Counts stay exact because every eventfd signal is either read before step 2
 (and sits in a session's serialized pending counts) or after it (by the new
 process, from the same eventfd). A client that cannot be parked in time (it
@@ -55,13 +63,17 @@ from irqd.device.base import Device, IrqIndex, StoredDevice, Unsupported
 from irqd.device.sim import SimDevice
 from irqd.eventfd import EventFd, is_eventfd
 from irqd.process.activation import InheritedFds
+from irqd.process.crashstate import CrashStateError, read_crash_state
+from irqd.process.livestore import GUARD_NAME, LIVE_STATE_NAME
 
 __all__ = [
     "CLIENT_PREFIX",
     "DEVICE_PREFIX",
     "EVENT_PREFIX",
     "EXIT_HANDED_OVER",
+    "GUARD_NAME",
     "LISTENER_NAME",
+    "LIVE_STATE_NAME",
     "STATE_NAME",
     "STATE_VERSION",
     "STORED_PREFIXES",
@@ -77,6 +89,7 @@ __all__ = [
     "export_device",
     "parse_client_fd_name",
     "parse_vector_fd_name",
+    "read_live_state",
     "read_state",
     "stored_names",
     "take_carried",
@@ -236,6 +249,13 @@ class Carried:
     device_fds: dict[str, int] = field(default_factory=dict)
     #: The daemon's own REQ/ERR eventfds (irqd.device.events), still assigned.
     events: dict[IrqIndex, EventFd] = field(default_factory=dict)
+    #: ``True`` when ``state`` is a ``live-state`` record (a crash: no exact
+    #: counts), ``False`` for a hand-over's sealed ``state``.
+    live: bool = False
+    #: The ``live-state`` memfd, written on by the next writer (irqd.process.crashstate).
+    live_state_fd: int | None = None
+    #: The stream guard's memfd (irqd.hotpath.guard).
+    guard_fd: int | None = None
 
     def close(self) -> None:
         """Give up on all of it (the state could not be used)."""
@@ -244,6 +264,14 @@ class Carried:
         for fd in [*self.clients.values(), *self.device_fds.values()]:
             os.close(fd)
         self.eventfds, self.clients, self.device_fds, self.events = {}, {}, {}, {}
+        self.close_live()
+
+    def close_live(self) -> None:
+        """Close the ``live-state`` and ``guard`` memfds, if they were not taken."""
+        for fd in (self.live_state_fd, self.guard_fd):
+            if fd is not None:
+                os.close(fd)
+        self.live_state_fd = self.guard_fd = None
 
 
 def stored_names(inherited: InheritedFds) -> list[str]:
@@ -251,19 +279,30 @@ def stored_names(inherited: InheritedFds) -> list[str]:
     return [
         name
         for name in inherited.names()
-        if name in (STATE_NAME, LISTENER_NAME) or name.startswith(STORED_PREFIXES)
+        if name in (STATE_NAME, LISTENER_NAME, LIVE_STATE_NAME, GUARD_NAME)
+        or name.startswith(STORED_PREFIXES)
     ]
 
 
 def take_carried(inherited: InheritedFds) -> Carried | None:
-    """The state and fds of a hand-over among the inherited fds, if there was one.
+    """The state and fds of a hand-over or a crash among the inherited fds, if any.
 
-    Eventfds are checked to be eventfds and adopted (``EventFd.adopt``). Fds
-    without a usable state are closed: they cannot be made sense of.
+    A hand-over's sealed ``state`` wins; without one, the ``live-state``
+    record (irqd.process.crashstate) a process that died left is used
+    (``Carried.live``). Eventfds are checked to be eventfds and adopted
+    (``EventFd.adopt``). Fds without a usable state are closed: they cannot
+    be made sense of.
     """
     state_fd = inherited.take(STATE_NAME)
+    live_fd = inherited.take(LIVE_STATE_NAME)
+    guard_fd = inherited.take(GUARD_NAME)
     device = inherited.take_prefix(DEVICE_PREFIX)
-    carried = Carried({}, device_fds={k[len(DEVICE_PREFIX) :]: fd for k, fd in device.items()})
+    carried = Carried(
+        {},
+        device_fds={k[len(DEVICE_PREFIX) :]: fd for k, fd in device.items()},
+        live_state_fd=live_fd,
+        guard_fd=guard_fd,
+    )
     for name, fd in inherited.take_prefix(VECTOR_PREFIX).items():
         key = parse_vector_fd_name(name)
         if key is None or not is_eventfd(fd):
@@ -282,6 +321,15 @@ def take_carried(inherited: InheritedFds) -> Carried | None:
             os.close(fd)
             continue
         carried.clients[sid] = fd
+    if state_fd is None and live_fd is not None:
+        try:
+            carried.state = read_live_state(live_fd)
+        except HandoverError as exc:
+            log.error("crash.bad_live_state", error=str(exc), note="starting afresh")
+            carried.close()
+            return None
+        carried.live = True
+        return carried
     if state_fd is None:
         if carried.eventfds or carried.clients or carried.device_fds or carried.events:
             log.error("handover.no_state", note="stored fds without their state are closed")
@@ -294,6 +342,24 @@ def take_carried(inherited: InheritedFds) -> Carried | None:
         carried.close()
         return None
     return carried
+
+
+def read_live_state(fd: int) -> dict[str, Any]:
+    """The record a live process last wrote into the ``live-state`` memfd ``fd``
+    (not closed); ``HandoverError`` if there is none this daemon can use."""
+    try:
+        _, state = read_crash_state(fd)
+    except CrashStateError as exc:
+        raise HandoverError(f"the live state is not usable: {exc}") from exc
+    if state.get("version") != STATE_VERSION or state.get("kind") != "live":
+        raise HandoverError(
+            f"live state of version {state.get('version')!r}, kind {state.get('kind')!r}; "
+            f"this daemon reads version {STATE_VERSION}, kind 'live'"
+        )
+    for key in ("device", "table", "sessions", "next_id"):
+        if key not in state:
+            raise HandoverError(f"the live state has no {key!r}")
+    return state
 
 
 def adopt_device(carried: Carried, fresh: Callable[[], Device], bdf: str | None) -> Device:

@@ -30,6 +30,7 @@ import array
 import os
 import select
 import socket
+import struct
 from collections.abc import Mapping, Sequence
 
 import structlog
@@ -66,6 +67,10 @@ def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
     return value / 1_000_000 if value > 0 else None
 
 
+#: How long one notification may wait for room in the manager's queue.
+SEND_TIMEOUT_SECONDS = 1
+
+
 class Notifier:
     """A connection to the service manager's notification socket.
 
@@ -81,6 +86,13 @@ class Notifier:
         self._failed = False
         if self._target is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # A datagram waits while the manager's queue is full (max_dgram_qlen).
+            # systemd drains it at once; a manager that stopped reading must not
+            # hang the daemon: the send fails after this long and the fd store
+            # is brought up to date at the next sync (irqd.process.livestore).
+            self._sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_SECONDS, 0)
+            )
 
     @classmethod
     def from_environment(cls, *, unset: bool = True) -> Notifier:

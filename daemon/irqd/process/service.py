@@ -4,7 +4,10 @@
 opens or adopts the device (after a hand-over, from the fd store), runs a
 :class:`irqd.server.daemon.Daemon` until a signal, and tidies up: SIGINT/SIGTERM
 stop, SIGHUP reloads the config file, SIGUSR2 hands everything over to the
-next process. ``run`` is the CLI's blocking entry point.
+next process. Under a service manager with an fd store, everything a restart
+needs is kept there all the time (irqd.process.livestore), so that a start
+after a crash adopts the device instead of resetting it. ``run`` is the CLI's
+blocking entry point.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ from irqd.device.sim import SimDevice
 from irqd.device.uevent import UeventSource, is_device_gone, open_uevent_source, wait_for_vfio
 from irqd.errors import ConfigError
 from irqd.eventfd import EventFd
+from irqd.metrics import metrics_loop
 from irqd.process.activation import InheritedFds, inherited_fds, take_listener
 from irqd.process.fdstore import (
     EXIT_HANDED_OVER,
+    GUARD_NAME,
     LISTENER_NAME,
+    LIVE_STATE_NAME,
     STATE_NAME,
     STORED_PREFIXES,
     Carried,
@@ -40,6 +46,8 @@ from irqd.process.fdstore import (
     stored_names,
     take_carried,
 )
+from irqd.process.livestore import FdIdentity, fd_identity
+from irqd.process.restartjob import restart_pending
 from irqd.process.sdnotify import Notifier, watchdog_interval
 from irqd.server.daemon import Daemon
 
@@ -142,7 +150,14 @@ def running_daemon(
         raise
     try:
         yield daemon
-    finally:
+    except Exception:
+        # The daemon failed: what the fd store holds is left for the restart.
+        daemon.close(crashed=True)
+        raise
+    except BaseException:
+        daemon.close()
+        raise
+    else:
         daemon.close()
 
 
@@ -171,7 +186,34 @@ def _adopt(carried: Carried, config: ServerConfig) -> tuple[Device | None, Carri
 
 
 def _from_store(name: str) -> bool:
-    return name in (STATE_NAME, LISTENER_NAME) or name.startswith(STORED_PREFIXES)
+    return name in (STATE_NAME, LISTENER_NAME, LIVE_STATE_NAME, GUARD_NAME) or name.startswith(
+        STORED_PREFIXES
+    )
+
+
+def _identities(inherited: InheritedFds, names: list[str]) -> dict[str, FdIdentity]:
+    """What the fd store holds under each of ``names``: the identity of the fd this
+    process inherited for it (irqd.process.livestore)."""
+    held: dict[str, FdIdentity] = {}
+    for name in names:
+        fds = inherited.fds.get(name)
+        if fds:
+            with contextlib.suppress(OSError):
+                held[name] = fd_identity(fds[0])
+    return held
+
+
+async def _empty_store(notifier: Notifier, names: list[str]) -> None:
+    """Remove ``names`` from the fd store before the device is opened afresh: its
+    copies of the old fds would keep the VFIO group busy (one open at a time)."""
+    if not names:
+        return
+    for name in names:
+        notifier.notify({"FDSTOREREMOVE": 1, "FDNAME": name})
+    try:
+        await trio.to_thread.run_sync(notifier.barrier)
+    except (TimeoutError, OSError) as exc:
+        log.warning("livestore.barrier_failed", error=str(exc))
 
 
 async def _watch_device(daemon: Daemon, source: UeventSource, bdf: str) -> None:
@@ -206,9 +248,11 @@ async def serve(
     """
     notifier = notifier if notifier is not None else Notifier.from_environment()
     inherited = inherited if inherited is not None else inherited_fds()
-    # What came from the fd store is removed from it once taken: systemd would
-    # otherwise keep every client socket open after its session ends.
+    # What came from the fd store stays there while it is used and is removed
+    # once it is not (the live store's first sync): systemd would otherwise keep
+    # a client socket open after its session ended.
     stored = stored_names(inherited)
+    held = _identities(inherited, stored)
     carried = take_carried(inherited)
     handed_over = False
     with contextlib.ExitStack() as stack:
@@ -225,10 +269,14 @@ async def serve(
         if carried is not None:
             adopted, carried = _adopt(carried, config)
             device = adopted if adopted is not None else device
+        if carried is None and stored:
+            # Nothing adopted: whatever the store holds is stale.
+            await _empty_store(notifier, stored)
+            held = {}
         if device is None and config.wait_for_device and config.device is not None:
             assert source is not None
-            notifier.status(f"waiting for {config.device} to be bound to vfio-pci")
-            await wait_for_vfio(config.device, source)
+            waiting = f"waiting for {config.device} to be bound to vfio-pci"
+            await wait_for_vfio(config.device, source, waiting=lambda: notifier.status(waiting))
         left = inherited.close_rest()
         if left:
             log.warning("activation.unused_fds", names=left)
@@ -237,11 +285,26 @@ async def serve(
         with running_daemon(
             config, device, events, notifier=notifier, socket_path=socket_path
         ) as daemon:
+            guard_fd = carried.guard_fd if carried is not None else None
+            live_state_fd = carried.live_state_fd if carried is not None else None
             if carried is not None:
-                daemon.adopt(carried.state, carried.eventfds, carried.clients)
-            for name in stored:
-                notifier.notify({"FDSTOREREMOVE": 1, "FDNAME": name})
+                carried.guard_fd = carried.live_state_fd = None  # taken from here on
+            marks = daemon.open_guard(guard_fd)
+            if carried is not None:
+                daemon.adopt(
+                    carried.state,
+                    carried.eventfds,
+                    carried.clients,
+                    live=carried.live,
+                    marks=marks,
+                )
             listener = trio.socket.from_stdlib_socket(raw)
+            # Admission is not running yet: the listener is stored by hand here.
+            daemon.admission.listener = listener
+            if not daemon.start_live(held, live_state_fd):
+                # No live store: what came from the store is this process's alone.
+                for name in held:
+                    notifier.notify({"FDSTOREREMOVE": 1, "FDNAME": name})
             status = await _serve_until_signalled(
                 daemon, listener, source, adopted=carried is not None, task_status=task_status
             )
@@ -272,6 +335,17 @@ async def _serve_until_signalled(
             # The device is open and the socket listens: now, and only now, ready.
             notifier.ready(daemon.status_line())
             nursery.start_soon(daemon.status.status_loop)
+            # The Prometheus textfile (docs/metrics.md); the file and interval are
+            # read each round so that a reload can change them.
+            nursery.start_soon(
+                metrics_loop,
+                daemon.handlers.stats,
+                daemon.device.name,
+                lambda: (
+                    daemon.config.metrics_file if daemon.handover.serving else None,
+                    daemon.config.metrics_interval,
+                ),
+            )
             interval = watchdog_interval()
             if interval is not None:
                 nursery.start_soon(daemon.status.watchdog_loop, interval / 2)
@@ -282,18 +356,33 @@ async def _serve_until_signalled(
                 if signum == signal.SIGHUP:
                     daemon.reload()
                     continue
-                if signum == signal.SIGUSR2:
-                    if not await daemon.hand_over():
-                        continue
-                    notifier.stopping("handed over to the next process")
-                    status = EXIT_HANDED_OVER
-                else:
-                    notifier.stopping(f"stopping ({name})")
-                    log.info("daemon.stopping", signal=name)
-                    await daemon.stop(f"daemon stopping ({name})")
+                if await _hands_over(signum, notifier):
+                    if await daemon.hand_over():
+                        notifier.stopping("handed over to the next process")
+                        status = EXIT_HANDED_OVER
+                        nursery.cancel_scope.cancel()
+                        break
+                    if signum == signal.SIGUSR2:
+                        continue  # called off: serving as before
+                    # A restart that cannot hand over is a stop and a start.
+                notifier.stopping(f"stopping ({name})")
+                log.info("daemon.stopping", signal=name)
+                await daemon.stop(f"daemon stopping ({name})")
                 nursery.cancel_scope.cancel()
                 break
     return status
+
+
+async def _hands_over(signum: int, notifier: Notifier) -> bool:
+    """Whether ``signum`` asks for a hand-over to the next process rather than a stop.
+
+    SIGUSR2 always does. SIGTERM does when it is the stop half of ``systemctl
+    restart``: systemd keeps the fd store for the start that follows, and the
+    job it runs says so (irqd.process.restartjob).
+    """
+    if signum == signal.SIGUSR2:
+        return True
+    return signum == signal.SIGTERM and notifier.enabled and await restart_pending()
 
 
 def _unlink_unless(path: Path, keep: Callable[[], bool]) -> None:
@@ -316,6 +405,8 @@ def run(config: ServerConfig) -> int:
         log.error("daemon.config_error", error=str(exc))
         return 2
     except OSError as exc:
-        log.error("daemon.failed", error=str(exc), errno=exc.errno)
+        # With the traceback: an OSError from deep inside start-up (an ioctl, an
+        # adopted fd) is otherwise hard to place.
+        log.error("daemon.failed", error=str(exc), errno=exc.errno, exc_info=exc)
         return 1
     return status

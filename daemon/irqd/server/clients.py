@@ -4,6 +4,11 @@ One task per client (``Clients.serve``) runs the session's sender and reads
 requests, answering each through the session's output path. Whatever one
 connection raises is caught, logged and turns into a closed connection: a
 client can only ever end its own task.
+
+What a restart after a crash needs is recorded (``HandoverController.record``,
+irqd.process.livestore) once a session starts, before it is read from; after
+every request, before its response is written (a client that read the
+response can count on what it did surviving a crash); and once it ended.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ log = structlog.get_logger("irqd.server.clients")
 
 #: Bytes read from a client socket at a time; one message is at most 64 KiB.
 RECV_SIZE = 65536
+
+
+#: Methods that change nothing the crash record holds (the table, the sessions,
+#: the DMA buffers): no record is written after them. Building the record costs
+#: milliseconds with thousands of vectors, and ``stats`` is polled by ``top``.
+#: Counters are refreshed by the status loop instead.
+_STATE_UNCHANGED = frozenset(
+    {m.DEVICE_INFO, m.STATS, m.DEVICE_REGIONS, m.DEVICE_OPEN, m.TRIGGER, m.UNMASK, m.SIM_EVENTFDS}
+)
 
 
 class Clients:
@@ -78,6 +92,9 @@ class Clients:
         peer = session.peer
         with session.sock:
             self.sessions.add(session)
+            self.handover.served(session)
+            # Its socket into the fd store before anything is read from it.
+            self.handover.record()
             bound = log.bind(client=session.id, pid=peer.pid, uid=peer.uid)
             bound.info("client.adopted" if adopted else "client.connected")
             reason = "closed"
@@ -94,6 +111,9 @@ class Clients:
                 reason = f"internal error: {exc!r}"
             finally:
                 subscriptions, claims = self._leave(session, bound)
+                # At once, with no checkpoint since: no fd number it freed is
+                # reused under one of its names before the store knows.
+                self.handover.record()
             bound.info(
                 "client.disconnected",
                 name=session.name,
@@ -255,6 +275,11 @@ class Clients:
                 data = conn.respond_error(request, code, f"{request.method}: {exc.strerror}")
             else:
                 data = conn.respond(request, reply.result)
+            # Before the response (also of a failed request: a device call may
+            # have been made): a client that read it can count on what the
+            # request did surviving a crash (irqd.process.livestore).
+            if request.method not in _STATE_UNCHANGED:
+                self.handover.record()
             await session.respond(data, reply.fds if reply is not None else ())
         finally:
             # Sent or not, the reply's fds are dups that only it owns.

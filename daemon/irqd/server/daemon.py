@@ -14,7 +14,9 @@
   in order, its time limits;
 * irqd.server.status keeps ``STATUS=`` and the watchdog going;
 * irqd.server.reload applies a SIGHUP; irqd.server.handover hands everything
-  over to the next process, or takes it over from the previous one.
+  over to the next process, or takes it over from the previous one, and keeps
+  systemd's fd store current so that a crash does not reset the device
+  (irqd.process.livestore).
 
 Shutting down cancels the nursery; ``close`` then releases the device.
 """
@@ -22,6 +24,7 @@ Shutting down cancels the nursery; ``close`` then releases the device.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from irqd.eventfd import EventFd
 from irqd.hotpath.python import PollLoop
 from irqd.hotpath.select import open_hot_loop
 from irqd.hotpath.session import PeerCredentials, Session
+from irqd.process.livestore import FdIdentity
 from irqd.process.sdnotify import Notifier
 from irqd.server.admission import Admission
 from irqd.server.clients import Clients
@@ -50,6 +54,10 @@ from irqproto.notifications import ShutdownNotification
 
 #: How long shutdown waits for each client to take its ``shutdown`` notification.
 SHUTDOWN_FLUSH_SECONDS = 1.0
+
+#: Stream-guard slots beyond ``max_clients``: room for a reload that raises it
+#: (a client without a slot is disconnected after a crash).
+GUARD_HEADROOM = 64
 
 
 @dataclass
@@ -93,7 +101,7 @@ class Daemon:
             self.own_loop.dispatcher,
             self.session_set.live,
             adopted=self.carried_events,
-            before_release=self.handlers.broker.release_all,
+            before_release=self._before_device_release,
         )
         self.own_loop.deliver = self.events.deliver
         self.admission = Admission(
@@ -112,6 +120,7 @@ class Daemon:
             self.handlers.broker,
         )
         self.handover = HandoverController(parts, self.notifier, self.socket_path)
+        self.handlers.lifecycle = self.handover.lifecycle
         self.clients = Clients(
             self.session_set, self.table, self.hot, self.handover, self.current_handlers
         )
@@ -169,22 +178,42 @@ class Daemon:
         with trio.move_on_after(self.config.stop_timeout):
             await self.shutdown(reason)
 
-    def close(self) -> None:
-        """Disable every index, then close eventfds, the epoll sets and the device.
+    def close(self, *, crashed: bool = False) -> None:
+        """Disable every index, then close eventfds, the epoll sets and the device,
+        then empty the fd store (nothing stale for a later start to adopt).
 
         After a hand-over nothing is disabled: the table only closes this
         process's eventfd numbers, and closing the device fd does not release
-        the device while systemd's fd store holds it.
+        the device while systemd's fd store holds it. The same for ``crashed``
+        (the daemon failed) while the fd store is kept: the store is left as it
+        is, for the restarted daemon to adopt as after any other crash.
         """
         handed_over = self.handover.state is HandoverState.STORED
+        keep = handed_over or (crashed and self.handover.live is not None)
         self.hot.stop()
-        if handed_over:
+        if keep:
             self.table.detach()
-        self.events.close(deassign=not handed_over)
+        self.events.close(deassign=not keep)
         self.table.close()
         self.hot.close()
         self.own_loop.close()
         self.device.close()
+        if keep:
+            self.handover.close_live()
+        else:
+            self.handover.stop_live()
+        guard, self.handover.guard = self.handover.guard, None
+        if guard is not None:
+            with contextlib.suppress(BufferError):  # a hot loop that still maps it
+                guard.close()
+
+    def _before_device_release(self) -> None:
+        """The device is being given back (REQ, removal): its DMA buffers are
+        unmapped, and the fd store lets go of everything first, since the kernel's
+        unbind waits for systemd's copies of the device fds as much as for ours.
+        Nothing is recorded after this: there is no device left to adopt."""
+        self.handlers.broker.release_all()
+        self.handover.stop_live()
 
     async def _serve_client(self, sock: trio.socket.SocketType, peer: PeerCredentials) -> None:
         # ``self.clients`` needs the hand-over controller, which needs admission.
@@ -225,9 +254,34 @@ class Daemon:
         state: dict[str, Any],
         eventfds: dict[tuple[IrqIndex, int], EventFd],
         clients: dict[int, int],
+        *,
+        live: bool = False,
+        marks: set[int] | None = None,
     ) -> None:
-        """Take over what a previous process stored; its clients are served by ``serve``."""
-        self._adopted = self.handover.adopt(state, eventfds, clients)
+        """Take over what a previous process stored; its clients are served by ``serve``.
+
+        ``live``: after a crash (``HandoverController.adopt``), with the stream
+        guard's ``marks`` from ``open_guard``.
+        """
+        self._adopted = self.handover.adopt(state, eventfds, clients, live=live, marks=marks)
+
+    def open_guard(self, carried_fd: int | None) -> set[int] | None:
+        """The stream guard (irqd.hotpath.guard), carried or new, attached to the hot
+        loop: before any session exists. Returns the carried guard's marks
+        (``HandoverController.open_guard``). No guard without a service manager:
+        nothing would outlive the process to read it."""
+        if not self.notifier.enabled:
+            if carried_fd is not None:
+                os.close(carried_fd)
+            return None
+        slots = self.current_handlers().limits.max_clients + GUARD_HEADROOM
+        marks = self.handover.open_guard(slots, carried_fd)
+        self.hot.attach_guard(self.handover.guard)
+        return marks
+
+    def start_live(self, held: dict[str, FdIdentity], live_state_fd: int | None) -> bool:
+        """Keep systemd's fd store current from now on (``HandoverController.start_live``)."""
+        return self.handover.start_live(held, live_state_fd)
 
     # -- hooks to wait on, instead of polling ----------------------------------------------
 

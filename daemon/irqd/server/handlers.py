@@ -91,6 +91,10 @@ class Handlers:
     settings_from: object | None = None
     #: Device access and DMA memory (``device.*``, ``dma.*``); made from device and table.
     broker: Broker = field(init=False)
+    #: ``stats``' ``lifecycle``: hand-overs and crash recoveries (the daemon sets it).
+    lifecycle: Callable[[], dict[str, int]] = field(
+        default=lambda: {"handovers": 0, "crash_recoveries": 0}
+    )
 
     def __post_init__(self) -> None:
         self.broker = Broker(self.device, self.table)
@@ -266,6 +270,7 @@ class Handlers:
             "msix_strategy": str(self.table.msix_strategy),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "dma": self.broker.totals(),
+            "lifecycle": self.lifecycle(),
         }
 
 

@@ -13,6 +13,12 @@ be done goes back to serving as ``CALLED_OFF``.
 
 A client's read loop asks the controller at each message boundary
 (``boundary``) and waits there for as long as the daemon is not serving.
+
+The controller also keeps the fd store current while serving (``record``,
+irqd.process.livestore): every fd a restart needs and a crash-consistent
+record of the state, so that a process that dies without a hand-over leaves
+everything to the next one (``adopt`` with ``live=True``, see
+docs/crash-recovery.md).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import contextlib
 import enum
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +39,16 @@ import trio
 from irqd.device.base import Device, IrqIndex
 from irqd.device.events import DeviceEvents
 from irqd.eventfd import EventFd
+from irqd.hotpath.guard import StreamGuard
 from irqd.hotpath.interface import HotLoop
 from irqd.hotpath.python import PollLoop
 from irqd.hotpath.session import PeerCredentials, Session
+from irqd.process.crashstate import CrashStateWriter
 from irqd.process.fdstore import (
     DEVICE_PREFIX,
     LISTENER_NAME,
     STATE_NAME,
+    STATE_VERSION,
     StoredFds,
     client_fd_name,
     device_fds,
@@ -47,6 +57,7 @@ from irqd.process.fdstore import (
     vector_fd_name,
     write_state,
 )
+from irqd.process.livestore import GUARD_NAME, FdIdentity, LiveStore
 from irqd.process.sdnotify import Notifier
 from irqd.server.admission import Admission
 from irqd.server.broker import Broker
@@ -58,6 +69,9 @@ log = structlog.get_logger("irqd.server.handover")
 #: How long a hand-over waits for clients to reach a message boundary, and
 #: then for their output to be idle; clients not there by then are left out.
 HANDOVER_DRAIN_SECONDS = 2.0
+
+#: The indexes whose vectors clients hold (REQ and ERR are the daemon's own).
+_CLIENT_INDEXES = (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX)
 
 
 class HandoverState(enum.Enum):
@@ -106,6 +120,19 @@ class HandoverController:
         self._reading: dict[int, trio.CancelScope] = {}
         self._parked: set[int] = set()
         self._park_changed = trio.Event()
+        #: The live fd store (``start_live``); ``None`` without a service manager.
+        self.live: LiveStore | None = None
+        #: The stream guard the hot loop marks (``open_guard``), kept in the store.
+        self.guard: StreamGuard | None = None
+        #: Hand-overs and crash recoveries this daemon went through (``stats``' ``lifecycle``).
+        self.handovers = 0
+        self.crash_recoveries = 0
+        #: Adopted sessions not yet served (``served``): recorded all the same.
+        self._unserved: dict[int, Session] = {}
+
+    def lifecycle(self) -> dict[str, int]:
+        """``stats``' ``lifecycle``: hand-overs and crash recoveries so far, across restarts."""
+        return {"handovers": self.handovers, "crash_recoveries": self.crash_recoveries}
 
     @property
     def state(self) -> HandoverState:
@@ -262,6 +289,9 @@ class HandoverController:
                 # process's: the client tasks ending below must not drop their
                 # subscriptions (de-assigning vectors, reading eventfds).
                 self._set(HandoverState.STORED)
+                if self.live is not None:
+                    # The store is the next process's to keep current now.
+                    self.live.forget()
                 # Closed first: a hot loop that credits counts itself reads an
                 # eventfd as it lets go of it, which is the next process's now.
                 parts.hot.close()
@@ -302,9 +332,124 @@ class HandoverController:
             # Who removes the socket file at the end: the next process, if this one
             # bound it (not a socket unit's).
             "socket_path": None if self.socket_path is None else str(self.socket_path),
+            "handovers": self.handovers,
+            "crash_recoveries": self.crash_recoveries,
         }
         stored.add(STATE_NAME, write_state(state))
         return stored
+
+    # -- the live fd store (irqd.process.livestore) ---------------------------------------
+
+    def open_guard(self, slots: int, carried_fd: int | None) -> set[int] | None:
+        """The stream guard, from the previous process's memfd or new; returns the
+        slots it had marked (``None``: no usable guard was carried, so no stream
+        is proven to be at a message boundary). Reset and ready to attach."""
+        marks: set[int] | None = None
+        guard: StreamGuard | None = None
+        if carried_fd is not None:
+            try:
+                guard = StreamGuard.adopt(carried_fd)  # takes the fd, even on failure
+            except (ValueError, OSError) as exc:
+                log.error("crash.bad_guard", error=str(exc), note="a new guard is made")
+            else:
+                marks = guard.marked()
+                guard.reset()
+        if guard is None:
+            guard = StreamGuard.create(slots)
+        self.guard = guard
+        return marks
+
+    def start_live(self, held: Mapping[str, FdIdentity], live_state_fd: int | None) -> bool:
+        """Keep the fd store current from now on and record the state once (before
+        ``READY=1``). ``held``: what the store holds already; ``live_state_fd``:
+        the previous process's ``live-state`` memfd, written on from here (owned).
+        ``False`` (logged) without a store, or for a device that cannot be kept."""
+        if not self.notifier.enabled or device_fds(self.parts.device) is None:
+            if live_state_fd is not None:
+                os.close(live_state_fd)
+            if self.notifier.enabled:
+                log.warning(
+                    "livestore.unavailable",
+                    device=type(self.parts.device).__name__,
+                    note="a crash resets the device",
+                )
+            return False
+        if live_state_fd is not None:
+            writer = CrashStateWriter.adopt(live_state_fd)
+        else:
+            writer = CrashStateWriter.create()
+        self.live = LiveStore(self.notifier, writer, held)
+        self.record()
+        return True
+
+    def record(self) -> None:
+        """Bring the fd store and the ``live-state`` record up to date (a no-op
+        without a live store, or while a hand-over runs)."""
+        live = self.live
+        if live is None or not self.serving:
+            return
+        live.sync(self.live_fds(), lambda: live.writer.write(self.live_record()))
+
+    def stop_live(self) -> None:
+        """A clean stop: empty the fd store, so that a later start adopts nothing."""
+        live, self.live = self.live, None
+        if live is not None:
+            live.clear()
+            live.close()
+
+    def close_live(self) -> None:
+        """Let go of the live store's own fds, leaving the store as it is (a crash
+        the next process recovers from, or a completed hand-over)."""
+        live, self.live = self.live, None
+        if live is not None:
+            live.close()
+
+    def served(self, session: Session) -> None:
+        """``session`` is among the live sessions now (an adopted one is no longer
+        recorded from the adopted list)."""
+        self._unserved.pop(session.id, None)
+
+    def _recorded_sessions(self) -> list[Session]:
+        sessions = self.parts.sessions.live()
+        return sessions + [s for s in self._unserved.values() if s.id not in self.parts.sessions]
+
+    def live_fds(self) -> dict[str, int]:
+        """Every fd a restart needs, by its fd-store name (``live-state`` aside)."""
+        parts = self.parts
+        fds: dict[str, int] = {}
+        listener = parts.admission.listener
+        if listener is not None:
+            fds[LISTENER_NAME] = listener.fileno()
+        for key, fd in (device_fds(parts.device) or {}).items():
+            fds[f"{DEVICE_PREFIX}{key}"] = fd
+        for index, fd in parts.events.eventfds().items():
+            fds[event_fd_name(index)] = fd
+        for (index, vector), fd in parts.table.eventfds().items():
+            fds[vector_fd_name(index, vector)] = fd
+        for session in self._recorded_sessions():
+            fds[client_fd_name(session.id)] = session.sock.fileno()
+        if self.guard is not None:
+            fds[GUARD_NAME] = self.guard.fileno()
+        return fds
+
+    def live_record(self) -> dict[str, Any]:
+        """The ``live-state`` record: the hand-over's state without the unsent output
+        (it cannot be had without stopping the hot loop), with each session's guard slot."""
+        parts = self.parts
+        sessions = self._recorded_sessions()
+        ids = {id(s): s.id for s in sessions}
+        return {
+            "version": STATE_VERSION,
+            "kind": "live",
+            "device": export_device(parts.device),
+            "table": parts.table.export_state(lambda s: ids.get(id(s), -1)),
+            "sessions": [_live_session(s) for s in sessions],
+            "next_id": parts.sessions.next_id,
+            "dma": parts.broker.export_state(),
+            "socket_path": None if self.socket_path is None else str(self.socket_path),
+            "handovers": self.handovers,
+            "crash_recoveries": self.crash_recoveries,
+        }
 
     # -- taking everything over ------------------------------------------------------------
 
@@ -313,19 +458,45 @@ class HandoverController:
         state: dict[str, Any],
         eventfds: dict[tuple[IrqIndex, int], EventFd],
         clients: dict[int, int],
+        *,
+        live: bool = False,
+        marks: set[int] | None = None,
     ) -> list[Session]:
         """Take over what a previous process stored: sessions on their sockets, the table.
 
         ``clients`` maps session ids to adopted socket fds (owned from now on).
         Returns the sessions, to be served once the daemon serves.
+
+        ``live``: ``state`` is the ``live-state`` record of a process that died
+        (irqd.process.livestore). Then a client whose stream may have been cut
+        mid-message (its guard slot is among ``marks``, or it had none, or no
+        guard came: ``marks`` is ``None``) is disconnected, and every other
+        subscriber gets ``resized`` with ``possible_loss`` for its vectors and
+        a loopback interrupt on each: counts the dead process had read from
+        the eventfds but not yet written are gone.
         """
         parts = self.parts
         by_id = {int(st["id"]): st for st in state["sessions"]}
         sessions: dict[int, Session] = {}
+        cut: list[int] = []
         for sid, fd in clients.items():
-            session = self._adopt_session(sid, fd, by_id.get(sid))
+            st = by_id.get(sid)
+            if live and st is not None:
+                slot = st.get("guard_slot")
+                if marks is None or slot is None or int(slot) in marks:
+                    cut.append(sid)
+                    os.close(fd)
+                    continue
+                st = _from_live_session(st)
+            session = self._adopt_session(sid, fd, st)
             if session is not None:
                 sessions[sid] = session
+        if cut:
+            log.warning(
+                "crash.clients_closed",
+                clients=cut,
+                reason="the stream may have been cut mid-message; the client reconnects",
+            )
         replaced = parts.table.import_state(state["table"], eventfds, sessions.get)
         # A state written before the broker existed has no "dma": nothing was mapped.
         parts.broker.import_state(state.get("dma", []))
@@ -337,7 +508,52 @@ class HandoverController:
             vectors=len(parts.table.vectors()),
             vectors_reassigned=[f"{i.wire_name}:{n}" for i, n in replaced],
         )
+        self._unserved = dict(sessions)
+        self.handovers = int(state.get("handovers", 0))
+        self.crash_recoveries = int(state.get("crash_recoveries", 0))
+        if live:
+            self.crash_recoveries += 1
+            told = self._announce_possible_loss(sessions.values())
+            log.warning(
+                "crash.recovered",
+                crash_recoveries=self.crash_recoveries,
+                clients=sorted(sessions),
+                told_possible_loss=told,
+            )
+        else:
+            self.handovers += 1
         return list(sessions.values())
+
+    def _announce_possible_loss(self, sessions: Iterable[Session]) -> int:
+        """``resized`` with ``possible_loss`` to each adopted session for each index it
+        holds vectors of (naming them), then one loopback interrupt per such vector,
+        as after a device reset; returns how many sessions were told."""
+        parts = self.parts
+        adopted = {id(s) for s in sessions}
+        told: dict[tuple[int, IrqIndex], tuple[Session, list[int]]] = {}
+        fired: list[tuple[IrqIndex, int]] = []
+        for vector in parts.table.vectors():
+            if vector.index not in _CLIENT_INDEXES:
+                continue
+            holders = list(vector.subscribers)
+            if vector.claimed_by is not None:
+                holders.append(vector.claimed_by)
+            mine = [h for h in holders if isinstance(h, Session) and id(h) in adopted]
+            for holder in mine:
+                told.setdefault((id(holder), vector.index), (holder, []))[1].append(vector.number)
+            if mine:
+                fired.append((vector.index, vector.number))
+        for (_, index), (holder, numbers) in told.items():
+            holder.post_resized(index, sorted(numbers), True)
+        # A client blocked waiting for an interrupt wakes up and looks at its device.
+        for index, number in fired:
+            try:
+                parts.device.trigger(index, number, 1)
+            except OSError as exc:
+                log.warning(
+                    "crash.loopback_failed", index=index.wire_name, vector=number, error=str(exc)
+                )
+        return len({key[0] for key in told})
 
     def _adopt_session(self, sid: int, fd: int, state: dict[str, Any] | None) -> Session | None:
         """The session ``state`` describes on the adopted socket ``fd``, or ``None``
@@ -359,3 +575,34 @@ class HandoverController:
             sock.close()
             return None
         return session
+
+
+def _live_session(session: Session) -> dict[str, Any]:
+    """A session in the ``live-state`` record: identity and counters, no output.
+
+    When it connected is wall-clock seconds (whole ones, so that the record's
+    bytes do not change while nothing else does).
+    """
+    since = time.time() - (time.monotonic() - session.connected_at)
+    return {
+        "id": session.id,
+        "name": session.name,
+        "greeted": session.greeted,
+        "requests": session.requests,
+        "delivered": session.delivered,
+        "notifications": session.notifications,
+        "connected_since": round(since),
+        "guard_slot": session.guard_slot,
+    }
+
+
+def _from_live_session(state: dict[str, Any]) -> dict[str, Any]:
+    """A ``live-state`` session as ``Session.restore`` takes it: nothing unsent."""
+    since = float(state.get("connected_since", time.time()))
+    return {
+        **state,
+        "connected_for": max(0.0, time.time() - since),
+        "pending": [],
+        "resized": [],
+        "outbox": [],
+    }

@@ -1,4 +1,5 @@
-"""What systemd hears while the daemon runs: ``STATUS=`` and the watchdog's ``WATCHDOG=1``."""
+"""What systemd hears while the daemon runs: ``STATUS=``, the watchdog's ``WATCHDOG=1``,
+and (each status period) the live fd store's record brought up to date."""
 
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ class Status:
             if line != last and self.handover.serving:
                 self.notifier.status(line)
                 last = line
+            # The live-state record's totals and counters, kept fresh while no
+            # request comes (a no-op without a live store, or when unchanged).
+            self.handover.record()
             await trio.sleep(period)
 
     async def watchdog_loop(self, period: float) -> None:

@@ -1,4 +1,5 @@
-"""The ``vfio-irqd`` command: ``serve``, ``watch``, ``status``, ``top``, ``ping``, ``sim fire``.
+"""The ``vfio-irqd`` command: ``serve``, ``watch``, ``status``, ``top``, ``ping``, ``metrics``,
+``sim fire``.
 
 ``serve`` runs the daemon; the other commands are small clients of its socket
 built on :mod:`irqproto.blocking`. Exit codes: 0 success, 1 a runtime failure
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(commands)
     _add_top(commands)
     _add_ping(commands)
+    _add_metrics(commands)
 
     sim = commands.add_parser(
         "sim",
@@ -289,7 +291,8 @@ def _add_serve_service(serve: argparse.ArgumentParser) -> None:
     svc.add_argument(
         "--log-format",
         choices=list(FORMATS),
-        help="auto: console on a terminal, JSON lines otherwise (default)",
+        help="auto (default): journal fields under systemd, console on a terminal, "
+        "JSON lines otherwise",
     )
     svc.add_argument(
         "--config",
@@ -303,6 +306,19 @@ def _add_serve_service(serve: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="wait until --device is bound to vfio-pci, then open it",
+    )
+    svc.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        type=Path,
+        help="rewrite PATH (atomically) with Prometheus metrics, for node_exporter's "
+        "textfile collector (docs/metrics.md); default: none",
+    )
+    svc.add_argument(
+        "--metrics-interval",
+        metavar="S",
+        type=_positive_float,
+        help="seconds between rewrites of --metrics-file (default 5)",
     )
 
 
@@ -504,6 +520,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sim_msi_vectors=args.sim_msi_vectors,
         log_level=args.log_level,
         log_format=args.log_format,
+        metrics_file=None if args.metrics_file is None else args.metrics_file.absolute(),
+        metrics_interval=args.metrics_interval,
     )
     try:
         config = resolve(flags, file)
@@ -838,6 +856,52 @@ def cmd_ping(args: argparse.Namespace) -> int:
         return _run_client(run)
     except KeyboardInterrupt:
         return 1  # not every trigger was sent, so not a pass
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def _add_metrics(commands: Any) -> None:
+    metrics = commands.add_parser(
+        "metrics",
+        help="print the daemon's metrics in the Prometheus text format",
+        formatter_class=_formatter,
+        description=_desc(
+            "Read 'device.info' and 'stats' and print them in the Prometheus text "
+            "exposition format: the same metrics serve --metrics-file writes "
+            "(docs/metrics.md). This command's own connection is not counted."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vfio-irqd metrics\n"
+            "  vfio-irqd metrics --device 0000:03:00.0 | grep interrupts_total"
+        ),
+    )
+    _add_socket(metrics, with_device=True)
+    metrics.set_defaults(func=cmd_metrics, parser=metrics)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """``metrics``: the Prometheus exposition of ``stats``, as ``--metrics-file`` has it."""
+    # Imported here: the other commands have no use for prometheus_client.
+    from irqd.metrics import exposition  # noqa: PLC0415
+
+    own = f"{PROG} metrics"
+
+    def run() -> bytes:
+        with _connected(args, "metrics") as client:
+            device = client.device_info()["device"]
+            stats: dict[str, Any] = dict(client.stats())
+        # As status --json does: this command's connection is no client of the daemon's.
+        stats["clients"] = [
+            c
+            for c in stats.get("clients", [])
+            if not (c.get("pid") == os.getpid() and c.get("name") == own)
+        ]
+        return exposition(stats, device)
+
+    _emit(sys.stdout, _run_client(run).decode().rstrip("\n"))
+    return 0
 
 
 # -- entry point ---------------------------------------------------------------------------

@@ -25,12 +25,15 @@ Each step returns ``{"ok": bool, "figures": "...", ...}`` like guest/main.py's;
 
 from __future__ import annotations
 
+import array
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -269,7 +272,9 @@ def bind_vfio(bdf: str) -> Path:
 
 
 class Notify:
-    """The service manager's end of ``$NOTIFY_SOCKET``: datagrams, read with a deadline."""
+    """The service manager's end of ``$NOTIFY_SOCKET``: every datagram read at once
+    (as systemd does; a daemon keeping its fd store current sends many), kept
+    until a ``wait_for`` takes it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -279,25 +284,51 @@ class Notify:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.bind(path)
         self.seen: list[dict[str, str]] = []
+        self._pending: list[dict[str, str]] = []
+        self._arrived = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(1024))
+            except OSError:
+                return  # closed
+            if not data and not ancdata:
+                return  # shut down (sd_notify never sends an empty message)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    # Stored fds are not kept: these daemons are never restarted from them.
+                    for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
+                        os.close(fd)
+            text = data.decode(errors="replace")
+            message = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+            with self._arrived:
+                self._pending.append(message)
+                self._arrived.notify_all()
 
     def wait_for(self, test: Callable[[dict[str, str]], bool], timeout: float) -> dict[str, str]:
-        """The first message (from now on) that passes ``test``; AssertionError at the deadline."""
+        """The first message not yet taken that passes ``test`` (those before it are
+        taken too); AssertionError at the deadline."""
         deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no such sd_notify message within {timeout}s: {self.seen}")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.seen.append(message)
-            if test(message):
-                return message
+        with self._arrived:
+            while True:
+                while self._pending:
+                    message = self._pending.pop(0)
+                    self.seen.append(message)
+                    if test(message):
+                        return message
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"no such sd_notify message within {timeout}s: {self.seen}"
+                    )
+                self._arrived.wait(left)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 

@@ -120,8 +120,8 @@ def conformance(bdf: str) -> dict[str, Any]:
 class Tally:
     """One client and what it has received: counts per msix vector, other notifications."""
 
-    def __init__(self, name: str) -> None:
-        self.client = Client(SOCKET, client_name=name, timeout=10.0)
+    def __init__(self, name: str, sock: str = SOCKET, timeout: float = 10.0) -> None:
+        self.client = Client(sock, client_name=name, timeout=timeout)
         self.counts: dict[int, int] = {}
         self.resized: list[ResizedNotification] = []
         self.lost: list[DeviceLostNotification] = []
@@ -262,24 +262,13 @@ def launcher() -> str:
     return str(fakesystemd().LAUNCHER)
 
 
-class Control:
+class Control(device_steps.Control):
     """The line to the host (ttyS1): ``fire V,...`` and ``burst V N``, answered ``ok``."""
 
-    def __init__(self) -> None:
-        import termios  # noqa: PLC0415
-        import tty  # noqa: PLC0415
-
-        self.fd = os.open("/dev/ttyS1", os.O_RDWR | os.O_NOCTTY)
-        tty.setraw(self.fd)
-        termios.tcflush(self.fd, termios.TCIOFLUSH)
-        self.buf = b""
-
-    def ask(self, line: str) -> None:
-        os.write(self.fd, line.encode() + b"\n")
-        while b"\n" not in self.buf:
-            self.buf += os.read(self.fd, 64)
-        answer, self.buf = self.buf.split(b"\n", 1)
-        assert answer.strip() == b"ok", answer
+    def ask(self, line: str) -> str:
+        answer = super().ask(line)
+        assert answer == "ok", answer
+        return answer
 
 
 class DaemonRun:

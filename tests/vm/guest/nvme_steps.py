@@ -148,6 +148,8 @@ class NvmeRun:
         self.uncertain: list[list[int]] = []
         #: The driver the reset step leaves running, for the SIGKILL step.
         self.running: tuple[subprocess.Popen[bytes], dict[str, int]] | None = None
+        #: The daemon's socket: this module's own daemon, or a systemd unit's.
+        self.socket = SOCKET
 
     def image_report(self) -> dict[str, Any]:
         """What the host should find in the backing file."""
@@ -218,7 +220,7 @@ class NvmeRun:
 
     def dma(self) -> dict[str, Any]:
         """The daemon's ``stats["dma"]``."""
-        with Client(SOCKET, client_name="dma-probe", timeout=10.0) as probe:
+        with Client(self.socket, client_name="dma-probe", timeout=10.0) as probe:
             # Through a plain dict: the typed result may not name ``dma`` yet.
             stats: dict[str, Any] = dict(probe.stats())
         dma: dict[str, Any] = stats["dma"]
@@ -243,7 +245,7 @@ class NvmeRun:
             sys.executable,
             str(DRIVER),
             "--socket",
-            SOCKET,
+            self.socket,
             "--queues",
             str(queues),
             "--depth",
@@ -274,10 +276,13 @@ class NvmeRun:
             self.uncertain.append([int(argv[argv.index("--first-lba") + 1]), RUN_BLOCKS])
         return out
 
-    def start_driver(self, *, queues: int) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-        """Start a driver that would run for ever; return once its I/O runs on every queue,
-        with the DMA it says it holds. Its blocks are uncertain from now on."""
-        argv = self._driver_argv(queues=queues, ios=10**9)
+    def start_driver(
+        self, *, queues: int, ios: int = 10**9, stall: float = STALL
+    ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+        """Start a driver (that would run for ever by default); return once its I/O runs
+        on every queue, with the DMA it says it holds. Its blocks are uncertain from now on."""
+        argv = self._driver_argv(queues=queues, ios=ios)
+        argv[argv.index("--stall") + 1] = str(stall)
         self.uncertain.append([int(argv[argv.index("--first-lba") + 1]), RUN_BLOCKS])
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/tmp")
         assert proc.stderr is not None
