@@ -211,3 +211,22 @@ async def run_daemons(
                 proc.kill()
         manager.close()
     return sock
+
+
+def daemon_argv(sock: Path, hot_loop: str) -> list[str]:
+    """``python`` arguments of a daemon on the simulated device that a test restarts
+    through the store (:func:`restart_argv`)."""
+    return [
+        "-m",
+        "irqd",
+        "serve",
+        "--sim",
+        "--sim-vectors",
+        "16",
+        "--socket",
+        str(sock),
+        "--log-format",
+        "json",
+        "--hot-loop",
+        hot_loop,
+    ]

@@ -49,6 +49,7 @@ from irqproto.trio_client import TrioClient, open_client
 from .fakesystemd import (
     FakeManager,
     NotifyState,
+    daemon_argv,
     open_notify_socket,
     restart_argv,
     run_daemons,
@@ -280,23 +281,6 @@ async def test_a_corrupt_or_short_live_state_is_refused_and_the_daemon_starts_af
 
 
 # -- SIGKILL mid-stream, between processes --------------------------------------------------
-
-
-def daemon_argv(sock: Path, hot_loop: str) -> list[str]:
-    return [
-        "-m",
-        "irqd",
-        "serve",
-        "--sim",
-        "--sim-vectors",
-        "16",
-        "--socket",
-        str(sock),
-        "--log-format",
-        "json",
-        "--hot-loop",
-        hot_loop,
-    ]
 
 
 def log_events(path: Path) -> list[dict[str, Any]]:

@@ -13,30 +13,13 @@ import trio
 
 from irqproto.trio_client import TrioClient, open_client
 
-from .fakesystemd import LAUNCHER, FakeManager, run_daemons
+from .fakesystemd import LAUNCHER, FakeManager, daemon_argv, run_daemons
 
 #: Until SIGINT, 2000 rounds a second over vectors 0-3.
 FIRE_ARGS = ["--count", "0", "--rate", "2000", "0", "1", "2", "3"]
 
 #: Guards against a hang; nothing waits for a fixed time.
 DEADLINE = 15
-
-
-def daemon_argv(sock: Path, hot_loop: str) -> list[str]:
-    return [
-        "-m",
-        "irqd",
-        "serve",
-        "--sim",
-        "--sim-vectors",
-        "16",
-        "--socket",
-        str(sock),
-        "--log-format",
-        "json",
-        "--hot-loop",
-        hot_loop,
-    ]
 
 
 def child_env(manager: FakeManager) -> dict[str, str]:
