@@ -230,3 +230,10 @@ def daemon_argv(sock: Path, hot_loop: str) -> list[str]:
         "--hot-loop",
         hot_loop,
     ]
+
+
+def child_env(manager: FakeManager) -> dict[str, str]:
+    """The environment of a daemon process that ``manager`` supervises."""
+    env = dict(os.environ, NOTIFY_SOCKET=str(manager.path), PYTHONUNBUFFERED="1")
+    env.pop("VFIO_IRQD_SOCKET", None)
+    return env

@@ -49,6 +49,7 @@ from irqproto.trio_client import TrioClient, open_client
 from .fakesystemd import (
     FakeManager,
     NotifyState,
+    child_env,
     daemon_argv,
     open_notify_socket,
     restart_argv,
@@ -333,8 +334,7 @@ async def test_sigkill_mid_stream_keeps_clients_vectors_and_dma(
 async def crash_with_clients(
     manager: FakeManager, sock: Path, tmp_path: Path, procs: list[trio.Process], hot_loop: str
 ) -> None:
-    env = dict(os.environ, NOTIFY_SOCKET=str(manager.path), PYTHONUNBUFFERED="1")
-    env.pop("VFIO_IRQD_SOCKET", None)
+    env = child_env(manager)
     argv = daemon_argv(sock, hot_loop)
     with trio.fail_after(DEADLINE):
         with (tmp_path / "old.log").open("wb") as out:

@@ -13,19 +13,13 @@ import trio
 
 from irqproto.trio_client import TrioClient, open_client
 
-from .fakesystemd import LAUNCHER, FakeManager, daemon_argv, run_daemons
+from .fakesystemd import LAUNCHER, FakeManager, child_env, daemon_argv, run_daemons
 
 #: Until SIGINT, 2000 rounds a second over vectors 0-3.
 FIRE_ARGS = ["--count", "0", "--rate", "2000", "0", "1", "2", "3"]
 
 #: Guards against a hang; nothing waits for a fixed time.
 DEADLINE = 15
-
-
-def child_env(manager: FakeManager) -> dict[str, str]:
-    env = dict(os.environ, NOTIFY_SOCKET=str(manager.path), PYTHONUNBUFFERED="1")
-    env.pop("VFIO_IRQD_SOCKET", None)
-    return env
 
 
 async def read_counts(client: TrioClient, got: dict[int, int]) -> None:
