@@ -27,6 +27,9 @@ controller's MSI-X interrupts (``subscribe``). It then:
    after the ``resized`` (the kick, or a real one that came first);
 6. disables the controller (stopping its DMA) before it frees its memory and
    disconnects; on ``device_lost`` it stops at once and exits with status 3.
+   SIGINT or SIGTERM ends a run early the same orderly way: no new I/O is
+   submitted, every I/O in flight completes (through its interrupt) and is
+   checked, then the flush and the teardown; ``--ios 0`` runs until then.
 
 The QEMU pitfall this order respects: QEMU's nvme (7.2) registers a completion
 queue's MSI-X vector only if MSI-X is enabled when the queue is created, so
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import struct
 import sys
 import time
@@ -624,6 +628,8 @@ class Workload:
         self.ctrl = ctrl
         #: No end while queues are being created; then ``finish_after`` sets one.
         self.target = sys.maxsize
+        #: Ended early by SIGINT/SIGTERM (``stop``).
+        self.stopped = False
         self.submitted = 0
         self.first_lba = first_lba
         self.lba_count = lba_count
@@ -647,8 +653,14 @@ class Workload:
             self._issue(slot)
 
     def finish_after(self, ios: int) -> None:
-        """Submit ``ios`` more I/Os over all queues, then stop."""
-        self.target = self.submitted + ios
+        """Submit ``ios`` more I/Os over all queues, then stop (unless stopped already)."""
+        if not self.stopped:
+            self.target = self.submitted + ios
+
+    def stop(self) -> None:
+        """Submit nothing more: the run ends once the I/Os in flight have completed."""
+        self.target = min(self.target, self.submitted)
+        self.stopped = True
 
     @property
     def done(self) -> bool:
@@ -749,10 +761,50 @@ def bring_up_queues(
     return q1
 
 
+class StopOnSignal:
+    """SIGINT and SIGTERM end the run in order instead of killing it.
+
+    Killing a driver mid-I/O leaves the controller enabled with commands
+    outstanding while the daemon unmaps their memory; stopping submits
+    nothing more, lets the I/Os in flight complete through their interrupts,
+    then flushes and disables the controller. The handler only sets state:
+    it may run between any two bytecodes.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self.work: Workload | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum)
+        if self.work is not None:
+            self.work.stop()
+
+    def attach(self, work: Workload) -> None:
+        """From now on a signal stops ``work`` (at once if one came already)."""
+        self.work = work
+        if self.received is not None:
+            work.stop()
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None], summary: dict[str, Any]) -> None:
     """The whole driver; fills ``summary`` as it goes (raises DeviceLost, NvmeError)."""
     summary["ok"] = False
-    with Client(args.socket, client_name="nvme-example", timeout=10.0) as client:
+    with (
+        StopOnSignal() as stop,
+        Client(args.socket, client_name="nvme-example", timeout=10.0) as client,
+    ):
         ctrl = Controller(client, stall=args.stall, log=log)
         figures = ctrl.figures
         summary["figures"] = figures
@@ -770,10 +822,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None], summary: dict[str,
             lba_count = args.lba_count or ident["nsze"] - args.first_lba
             work = Workload(ctrl, first_lba=args.first_lba, lba_count=lba_count)
             summary["workload"] = work
+            stop.attach(work)
             started = time.monotonic()
             q1 = bring_up_queues(ctrl, work, queues, entries, depth)
             # --ios more over every queue; those during the creation come on top.
-            work.finish_after(args.ios)
+            if args.ios:
+                work.finish_after(args.ios)
             stats: dict[str, Any] = dict(client.stats())
             figures.daemon_dma = dict(stats.get("dma", {}))
             log(
@@ -790,7 +844,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None], summary: dict[str,
             finally:
                 figures.io_seconds = time.monotonic() - started
             summary["ok"] = not work.errors
-            log("done")
+            log(f"stopped by {stop.received.name}" if stop.received else "done")
         except DeviceLost:
             ctrl.close(lost=True)
             raise
@@ -839,6 +893,7 @@ def _json_summary(summary: dict[str, Any], exit_status: int, error: str | None) 
         }
     if work is not None:
         out["errors"] = work.errors[:10]
+        out["stopped"] = work.stopped
         out["lba_range"] = [work.first_lba, work.next_lba - work.first_lba]
         out["written"] = sorted([lba, gen] for lba, gen in work.gens.items())
     return out
@@ -872,6 +927,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "subscribe permissions. Overwrites the LBAs it uses."
         ),
         epilog=(
+            "SIGINT or SIGTERM: submit no more I/O, complete and check those in flight, "
+            "then flush and disable the controller as at the end of a run. "
             "exit status: 0 every I/O completed and every read matched; 1 an error "
             "(a command failed, data mismatch, or a stall: a lost interrupt); 3 the device "
             "was lost (unbound or removed) while running."
@@ -886,7 +943,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ios",
         type=int,
         default=1000,
-        help="I/Os to run once every queue is up, on top of those queue 1 ran meanwhile (1000)",
+        help="I/Os to run once every queue is up, on top of those queue 1 ran meanwhile "
+        "(1000); 0: until SIGINT or SIGTERM",
     )
     parser.add_argument(
         "--first-lba", type=int, default=0, help="the first logical block to use (0)"

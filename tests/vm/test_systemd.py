@@ -89,6 +89,14 @@ def figures(label: str, steps: dict[str, dict[str, Any]], seconds: float) -> str
     return "\n".join(lines)
 
 
+def failures(steps: dict[str, dict[str, Any]], failed: list[str]) -> str:
+    """The failed steps whole, first: a long report is cut in the middle when shown."""
+    return "\n".join(
+        f"{name}: {json.dumps(steps.get(name, 'missing'), indent=1, default=str)[:6000]}"
+        for name in failed
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("label", sorted(vmkit.KERNELS))
 def test_systemd(guests: dict[str, vmkit.GuestResult], label: str) -> None:
@@ -97,7 +105,9 @@ def test_systemd(guests: dict[str, vmkit.GuestResult], label: str) -> None:
     print(figures(label, steps, result.seconds))
     wanted = [s for s in STEPS if not ONLY or s in ONLY or s in NEEDS]
     failed = [name for name in wanted if not steps.get(name, {}).get("ok")]
-    assert not failed, f"guest steps failed or missing: {failed}\n{report(result)}"
+    assert not failed, (
+        f"guest steps failed or missing: {failed}\n{failures(steps, failed)}\n{report(result)}"
+    )
     assert result.returncode == 0, report(result)
     assert str(result.results["kernel"]).startswith(label + "."), result.results["kernel"]
     # The floors behind the verdicts the guest gave.
@@ -113,4 +123,5 @@ def test_systemd(guests: dict[str, vmkit.GuestResult], label: str) -> None:
         kill = steps["sigkill"]
         assert all(kill["clients_stayed"]) and not kill["resets"], kill
         assert kill["nvme_driver_exit"] == 0 and kill["driver_running_at_kill"], kill
+        assert kill["nvme_summary"]["stopped"], kill  # ended by its SIGTERM, not its own count
         assert kill["csts"] is None or kill["csts"] & 1, kill

@@ -53,10 +53,12 @@ ROUNDS = 20
 #: Every start of the daemon is a Python start under TCG: seconds, more when
 #: the host is busy (guest/main.py saw 16 to 36 s).
 START_TIMEOUT = 150.0
-#: NVMe: I/Os of the run that the SIGKILL lands in; the driver waits this long
-#: for an interrupt before calling it lost (the daemon's restart is in there).
-KILL_IOS = 1200
+#: NVMe: the driver runs until SIGTERM (so the SIGKILL surely lands mid-I/O) and
+#: waits this long for an interrupt before calling it lost (the daemon's
+#: restart is in there); it is stopped once the restarted daemon has delivered
+#: this many more interrupts on its I/O queues' vectors.
 KILL_STALL = 120.0
+IRQS_AFTER_KILL = 100
 #: CSTS (NVMe base specification, controller registers): RDY is bit 0.
 NVME_CSTS = 0x1C
 
@@ -485,6 +487,12 @@ class Scenario:
             csts = access.bar("bar0").read32(NVME_CSTS)
         return csts if driver.poll() is None else None
 
+    def nvme_io_interrupts(self) -> int:
+        """Interrupts the NVMe daemon counted on the I/O queues' vectors (MSI-X 1..)."""
+        with Client(NVME_SOCK, client_name="nvme-stats", timeout=30) as probe:
+            stats = probe.stats()
+        return sum(v["count"] for v in stats["vectors"] if v["index"] == "msix" and v["vector"])
+
     def sigkill(self) -> dict[str, Any]:
         """SIGKILL both daemons: the ivshmem one while the host fires, the NVMe one under I/O.
 
@@ -498,7 +506,7 @@ class Scenario:
         with Client(NVME_SOCK, client_name="nvme-probe", timeout=START_TIMEOUT) as probe:
             probe.device_info()
         nvme_log_before = kernel_log()
-        proc, held = self.nvme.start_driver(queues=2, ios=KILL_IOS, stall=KILL_STALL)
+        proc, held = self.nvme.start_driver(queues=2, ios=0, stall=KILL_STALL)
         nvme_old = main_pid(NVME_UNIT)
         settled = self.settle()
         irqs = main.Interrupts(BDF)
@@ -511,7 +519,8 @@ class Scenario:
         driving_at_kill = proc.poll() is None
         for unit in (UNIT, NVME_UNIT):
             sh("systemctl", "kill", "--kill-whom=main", "-s", "SIGKILL", unit)
-        new = nvme_new = 0
+        new = nvme_new = irqs_at_ready = irqs_after = 0
+        seconds = 0.0
         csts: int | None = None
         first = restarts(UNIT), restarts(NVME_UNIT)
         error = ""
@@ -522,15 +531,26 @@ class Scenario:
                 new = new or running_pid(UNIT, old)
                 if not nvme_new and (nvme_new := running_pid(NVME_UNIT, nvme_old)):
                     csts = self.nvme_csts(proc)
+                    irqs_at_ready = self.nvme_io_interrupts()
                 assert time.monotonic() - started < 2 * START_TIMEOUT, "no new main processes"
                 now = restarts(UNIT), restarts(NVME_UNIT)
                 assert now[0] <= first[0] + 1 and now[1] <= first[1] + 1, "restarts in a loop"
             for _ in range(ROUNDS):
                 self.fire_round(irqs)
                 fired += 1
-        except AssertionError as exc:
-            error = str(exc)
-        seconds = time.monotonic() - started
+            seconds = time.monotonic() - started
+            # The driver's I/O goes on through the restarted daemon, then it stops
+            # in order (SIGTERM: what it has in flight completes, is checked).
+            deadline = time.monotonic() + KILL_STALL
+            while (irqs_after := self.nvme_io_interrupts() - irqs_at_ready) < IRQS_AFTER_KILL:
+                assert proc.poll() is None, "the NVMe driver ended before it was stopped"
+                assert time.monotonic() < deadline, f"NVMe I/O stalled: {irqs_after} interrupts"
+                time.sleep(0.5)
+        except Exception as exc:  # the step reports it; the driver must be stopped anyway
+            error = f"{type(exc).__name__}: {exc}"
+        seconds = seconds or time.monotonic() - started
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         stayed = self.alive()
         received = [0] * len(self.clients)
         with_loss = [False] * len(self.clients)
@@ -565,6 +585,7 @@ class Scenario:
             and all(w for w, n in zip(with_loss, lost, strict=True) if n)
             and proc.returncode == 0
             and not summary.get("errors")
+            and summary.get("stopped") is True
             and not resets
             and driving_at_kill
             # Read while the driver ran: the controller must still be ready (not reset).
@@ -576,8 +597,9 @@ class Scenario:
             "ok": ok,
             "figures": f"ivshmem: fired {total}, received {received}, lost {lost}, told "
             f"possible_loss {with_loss}, clients stayed {stayed}; NVMe: driver exit "
-            f"{proc.returncode}, {summary.get('ios')} I/Os, errors {summary.get('errors')}, "
-            f"CSTS while it ran {csts}; resets in the kernel log {len(resets)}; both ready again "
+            f"{proc.returncode}, {summary.get('ios')} I/Os ({irqs_after} interrupts through the "
+            f"restarted daemon before SIGTERM), errors {summary.get('errors')}, CSTS while it "
+            f"ran {csts}; resets in the kernel log {len(resets)}; both ready again "
             f"{seconds:.1f}s",
             "fired": total,
             "received": received,
@@ -586,7 +608,8 @@ class Scenario:
             "clients_stayed": stayed,
             "nvme_driver_exit": proc.returncode,
             "nvme_driver_held": held,
-            "nvme_summary": {k: summary.get(k) for k in ("ios", "errors", "per_queue")},
+            "nvme_summary": {k: summary.get(k) for k in ("ios", "errors", "per_queue", "stopped")},
+            "nvme_irqs_after_restart": irqs_after,
             "nvme_stderr": err.decode(errors="replace")[-1500:],
             "csts": csts,
             "driver_running_at_kill": driving_at_kill,
