@@ -157,7 +157,7 @@ def test_unencodable_result_is_a_local_error_and_keeps_the_request_open() -> Non
         [0, "1", "x", []],  # msgid not an int
         [0, -1, "x", []],
         [0, 2**32, "x", []],  # msgid range
-        [0, 1, 5, []],  # method neither str nor bin (bin, lone params: test_interop.py)
+        [0, 1, 5, []],  # method neither str nor bin (bin and lone params: test_interop.py)
         [1, 1, None],  # response too short
         [1, 1, "EINVAL", None],  # error not [code, message]
         [1, 1, ["EINVAL"], None],
