@@ -30,7 +30,9 @@ from . import vmkit
 from .guest.systemd_plan import NEEDS, STEPS
 from .test_vm import _unavailable
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+# The first test carries the boots (and a fresh install stage): beyond the
+# guests' own bound (vmkit.SYSTEMD_GUEST_TIMEOUT).
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 UNITS = Path(__file__).resolve().parent / "guest" / "systemd"
 ONLY = [s for s in os.environ.get("VFIO_IRQD_VM_ONLY", "").split(",") if s]
