@@ -57,6 +57,7 @@ test-native: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/control.py
 
 # The decoder fuzz target for FUZZ_SECONDS: atheris (coverage-guided) when it
 # installs, else hypothesis at scale. `make test` runs it briefly.

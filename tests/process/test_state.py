@@ -49,6 +49,11 @@ class Sub:
         pass
 
 
+def ids_of(*subscribers: Sub) -> dict[int, int]:
+    """What the daemon gives ``export_state``: each subscriber's ``id()`` to its id."""
+    return {id(s): s.id for s in subscribers}
+
+
 def pump(table: VectorTable) -> None:
     assert isinstance(table.poller, PythonHotLoop)
     for token, count in table.poller.dispatcher.drain().counts:
@@ -80,7 +85,7 @@ def test_table_and_sim_carry_over_without_a_single_set_irqs(
     sim.raise_irq(MSIX, 3, 4)
     pump(table)
     # What a hand-over sends: the state, and dups of the eventfds (the fd store's).
-    table_state = table.export_state(lambda s: getattr(s, "id", -1))
+    table_state = table.export_state(ids_of(a, b))
     sim_state = sim.export_state()
     carried = {key: EventFd.adopt(os.dup(fd)) for key, fd in table.eventfds().items()}
     table.detach()  # the old process lets go without touching the device
@@ -141,7 +146,7 @@ def test_a_vector_whose_eventfd_did_not_arrive_gets_a_fresh_one(
     sim, table = old
     a = Sub(1)
     table.subscribe(a, MSIX, [1, 2])
-    state = table.export_state(lambda s: getattr(s, "id", -1))
+    state = table.export_state(ids_of(a))
     carried = {(MSIX, 1): EventFd.adopt(os.dup(table.eventfds()[(MSIX, 1)]))}
     table.detach()
     new = VectorTable(sim, PythonHotLoop())  # the same device: it still has both assigned
@@ -156,8 +161,9 @@ def test_a_vector_whose_eventfd_did_not_arrive_gets_a_fresh_one(
 
 def test_a_vector_nobody_came_back_for_is_released(old: tuple[SimDevice, VectorTable]) -> None:
     sim, table = old
-    table.subscribe(Sub(7), MSIX, [4])
-    state = table.export_state(lambda s: getattr(s, "id", -1))
+    seven = Sub(7)
+    table.subscribe(seven, MSIX, [4])
+    state = table.export_state(ids_of(seven))
     carried = {k: EventFd.adopt(os.dup(fd)) for k, fd in table.eventfds().items()}
     table.detach()
     new = VectorTable(sim, PythonHotLoop())

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from irqd.config import MsixStrategy
 from irqd.device.base import (
@@ -343,3 +348,89 @@ def test_err_and_req_belong_to_the_daemon(dynamic: Rig, index: IrqIndex) -> None
     with pytest.raises(IrqdError, match="belongs to the daemon"):
         dynamic.table.claim(a, index, 0)
     assert dynamic.sim.calls == []
+
+
+# -- the record packed again after every change (table_state.RecordPacker) ------------------
+
+
+def record_as_described(table: VectorTable, ids: dict[int, int]) -> dict[str, Any]:
+    """What the hand-over's state says of the table, read off its queries one by one."""
+    return {
+        "msix_strategy": str(table.msix_strategy),
+        "msix_prearm": table.msix_prearm,
+        "indexes": table.indexes.export_state(),
+        "vectors": [
+            [
+                int(v.index),
+                v.number,
+                table.total_of(v),
+                [ids.get(id(s), -1) for s in v.subscribers],
+                None if v.claimed_by is None else ids.get(id(v.claimed_by), -1),
+            ]
+            for v in table.vectors()
+        ],
+    }
+
+
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["subscribe", "unsubscribe", "claim", "unclaim", "fire", "drop", "forget", "renumber"]
+        ),
+        st.integers(0, 2),
+        st.integers(0, 7),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(OPERATIONS)
+def test_the_packed_record_follows_every_change(
+    operations: list[tuple[str, int, int]],
+) -> None:
+    # What is kept packed between calls must never outlive a change: after each
+    # step the bytes equal the record packed whole from the table's queries.
+    with contextlib.contextmanager(make_rig)(noresize=False) as rig:
+        table = rig.table
+        clients = [Recorder(f"c{i}") for i in range(3)]
+        ids = {id(c): c.id for c in clients}
+        for operation, who, number in operations:
+            client = clients[who]
+            with contextlib.suppress(IrqdError):
+                if operation == "subscribe":
+                    table.subscribe(client, MSIX, [number])
+                elif operation == "unsubscribe":
+                    table.unsubscribe(client, MSIX, [number])
+                elif operation == "claim":
+                    os.close(table.claim(client, MSIX, number))
+                elif operation == "unclaim":
+                    table.unclaim(client, MSIX, number)
+                elif operation == "fire":
+                    rig.sim.raise_irq(MSIX, number, who + 1)
+                    rig.pump()
+                elif operation == "drop":
+                    table.drop(client)
+                elif operation == "forget":  # the session is no longer recorded
+                    ids.pop(id(client), None)
+                else:  # the same object under another id
+                    ids[id(client)] = ids.get(id(client), client.id) + 100
+            packed = table.packed_state(ids)
+            expected = record_as_described(table, ids)
+            assert msgpack.unpackb(packed, raw=False, strict_map_key=False) == expected
+            assert packed == msgpack.packb(expected, use_bin_type=True)
+
+
+def test_export_state_is_the_packed_record_unpacked(dynamic: Rig) -> None:
+    a, b = Recorder("a"), Recorder("b")
+    dynamic.table.subscribe(a, MSIX, [0, 2])
+    dynamic.table.subscribe(b, MSIX, [2])
+    dynamic.sim.raise_irq(MSIX, 2, 3)
+    dynamic.pump()
+    ids = {id(a): a.id}  # b is not among the sessions the next process gets
+    state = dynamic.table.export_state(ids)
+    assert state == record_as_described(dynamic.table, ids)
+    assert state["vectors"] == [
+        [int(MSIX), 0, 0, [a.id], None],
+        [int(MSIX), 2, 3, [a.id, -1], None],
+    ]

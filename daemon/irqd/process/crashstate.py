@@ -97,7 +97,10 @@ class CrashStateWriter:
     def write(self, record: dict[str, Any]) -> bool:
         """Make ``record`` the current one; ``False`` when its bytes equal the last ones
         (nothing written)."""
-        data = msgpack.packb(record, use_bin_type=True)
+        return self.write_packed(msgpack.packb(record, use_bin_type=True))
+
+    def write_packed(self, data: bytes) -> bool:
+        """``write`` for a record packed already: ``data`` must be one msgpack map."""
         if data == self._last:
             return False
         offset = self._place(len(data))

@@ -43,6 +43,7 @@ from irqd.hotpath.guard import StreamGuard
 from irqd.hotpath.interface import HotLoop
 from irqd.hotpath.python import PollLoop
 from irqd.hotpath.session import PeerCredentials, Session
+from irqd.packing import Packed, pack_map
 from irqd.process.crashstate import CrashStateWriter
 from irqd.process.fdstore import (
     DEVICE_PREFIX,
@@ -320,10 +321,9 @@ class HandoverController:
             stored.add(event_fd_name(index), fd)
         for session in sessions:
             stored.add(client_fd_name(session.id), session.sock.fileno())
-        ids = {id(s): s.id for s in parts.sessions}
         state = {
             "device": export_device(parts.device),
-            "table": parts.table.export_state(lambda s: ids.get(id(s), -1)),
+            "table": parts.table.export_state({id(s): s.id for s in parts.sessions}),
             "sessions": [s.export_state() for s in sessions],
             "next_id": parts.sessions.next_id,
             # The DMA buffers still mapped: the container keeps the mappings, the
@@ -388,7 +388,7 @@ class HandoverController:
         live = self.live
         if live is None or not self.serving:
             return
-        live.sync(self.live_fds(), lambda: live.writer.write(self.live_record()))
+        live.sync(self.live_fds(), lambda: live.writer.write_packed(self.live_record()))
 
     def stop_live(self) -> None:
         """A clean stop: empty the fd store, so that a later start adopts nothing."""
@@ -432,24 +432,28 @@ class HandoverController:
             fds[GUARD_NAME] = self.guard.fileno()
         return fds
 
-    def live_record(self) -> dict[str, Any]:
-        """The ``live-state`` record: the hand-over's state without the unsent output
-        (it cannot be had without stopping the hot loop), with each session's guard slot."""
+    def live_record(self) -> bytes:
+        """The ``live-state`` record, packed: the hand-over's state without the unsent
+        output (it cannot be had without stopping the hot loop), with each session's
+        guard slot. Written after every change, so the table's large part is not
+        packed again when it did not change (``VectorTable.packed_state``)."""
         parts = self.parts
         sessions = self._recorded_sessions()
-        ids = {id(s): s.id for s in sessions}
-        return {
-            "version": STATE_VERSION,
-            "kind": "live",
-            "device": export_device(parts.device),
-            "table": parts.table.export_state(lambda s: ids.get(id(s), -1)),
-            "sessions": [_live_session(s) for s in sessions],
-            "next_id": parts.sessions.next_id,
-            "dma": parts.broker.export_state(),
-            "socket_path": None if self.socket_path is None else str(self.socket_path),
-            "handovers": self.handovers,
-            "crash_recoveries": self.crash_recoveries,
-        }
+        table = parts.table.packed_state({id(s): s.id for s in sessions})
+        return pack_map(
+            {
+                "version": STATE_VERSION,
+                "kind": "live",
+                "device": export_device(parts.device),
+                "table": Packed(table),
+                "sessions": [_live_session(s) for s in sessions],
+                "next_id": parts.sessions.next_id,
+                "dma": parts.broker.export_state(),
+                "socket_path": None if self.socket_path is None else str(self.socket_path),
+                "handovers": self.handovers,
+                "crash_recoveries": self.crash_recoveries,
+            }
+        )
 
     # -- taking everything over ------------------------------------------------------------
 

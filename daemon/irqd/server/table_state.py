@@ -1,6 +1,7 @@
 """The vector table's state across a restart without disarming (irqd.process.fdstore).
 
-The old process exports its record as msgpack-able data (``export_record``)
+The old process exports its record as msgpack-able data (``export_record``),
+or packed (``RecordPacker``, for the record kept current against a crash),
 and its eventfds apart (they travel through the fd store); the new one takes
 both over (``import_record``) without a device call, except for a vector whose
 eventfd did not arrive: that one gets a fresh eventfd assigned, a single-vector
@@ -9,41 +10,115 @@ call that leaves every other vector alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import structlog
 
 from irqd.config import MsixStrategy
 from irqd.device.base import IrqIndex
 from irqd.eventfd import EventFd
 from irqd.hotpath.interface import Subscriber
+from irqd.packing import Packed, pack_map
 from irqd.server.vector_record import Vector, VectorRecord
 
 log = structlog.get_logger("irqd.server.vectors")
 
 
-def export_record(
-    record: VectorRecord, subscriber_id: Callable[[Subscriber], int]
-) -> dict[str, Any]:
+def export_record(record: VectorRecord, ids: Mapping[int, int]) -> dict[str, Any]:
     """Strategy, what the kernel has per index, and each vector with its total,
-    subscribers and claimer (by ``subscriber_id``)."""
-    indexes = record.indexes
-    return {
-        "msix_strategy": str(indexes.msix_strategy),
-        "msix_prearm": indexes.msix_prearm,
-        "indexes": indexes.export_state(),
-        "vectors": [
-            [
-                int(v.index),
-                v.number,
-                record.total_of(v),
-                [subscriber_id(s) for s in v.subscribers],
-                None if v.claimed_by is None else subscriber_id(v.claimed_by),
-            ]
-            for v in record.vectors()
-        ],
-    }
+    subscribers and claimer, as msgpack-able data (what :class:`RecordPacker`
+    packs; subscribers by ``ids``, see there)."""
+    data = RecordPacker().pack(record, ids)
+    state: dict[str, Any] = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return state
+
+
+@dataclass
+class _PackedVector:
+    """What one vector's entry was packed from, and the parts that stay."""
+
+    vector: Vector
+    #: A copy of its subscriber list and its claimer, as packed.
+    subscribers: list[Subscriber]
+    claimed_by: Subscriber | None
+    #: The entry's array header, index and number.
+    head: bytes
+    #: Its subscribers' ids and its claimer's id.
+    tail: bytes
+
+    def is_current(self, vector: Vector, changed_ids: set[int]) -> bool:
+        """Whether ``vector``'s entry is still ``head``, a total, ``tail``."""
+        if self.vector is not vector or self.claimed_by is not vector.claimed_by:
+            return False
+        if self.subscribers != vector.subscribers:
+            return False
+        if changed_ids:
+            used = [id(s) for s in self.subscribers]
+            if self.claimed_by is not None:
+                used.append(id(self.claimed_by))
+            return changed_ids.isdisjoint(used)
+        return True
+
+
+class RecordPacker:
+    """The vector record as msgpack bytes, for a record packed again after every change.
+
+    The ``live-state`` record (irqd.process.crashstate) is rewritten after every
+    request that changes anything. Mapping every subscriber of every vector
+    to its session id each time costs in proportion to vectors x subscribers
+    (2048 x 64 took about 20 ms a request; docs/performance.md). Between two
+    calls only the totals change for most vectors, so each vector's entry is
+    kept packed and only its total is packed anew; an entry is packed again
+    when its subscriber list or claimer changed, or the id of one of them.
+
+    ``ids`` maps ``id(subscriber)`` to the id under which the next process
+    knows it (a session's id); a subscriber not in it is ``-1``, which the
+    next process leaves out. The cache holds the subscribers it packed, so
+    none of their ``id()`` is reused by another object while it is kept.
+    """
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._ids: dict[int, int] = {}
+        self._vectors: dict[int, _PackedVector] = {}
+
+    def pack(self, record: VectorRecord, ids: Mapping[int, int]) -> bytes:
+        """``{msix_strategy, msix_prearm, indexes, vectors}``, each vector as
+        ``[index, number, total, [subscriber ids], claimer id or None]``."""
+        changed = {k for k in self._ids.keys() | ids.keys() if self._ids.get(k) != ids.get(k)}
+        self._ids = dict(ids)
+        pack = self._packer.pack
+        vectors = record.vectors()
+        kept: dict[int, _PackedVector] = {}
+        parts = [self._packer.pack_array_header(len(vectors))]
+        for vector in vectors:
+            entry = self._vectors.get(vector.token)
+            if entry is None or not entry.is_current(vector, changed):
+                entry = self._pack_vector(vector)
+            kept[vector.token] = entry
+            parts += (entry.head, pack(record.total_of(vector)), entry.tail)
+        self._vectors = kept
+        indexes = record.indexes
+        return pack_map(
+            {
+                "msix_strategy": str(indexes.msix_strategy),
+                "msix_prearm": indexes.msix_prearm,
+                "indexes": indexes.export_state(),
+                "vectors": Packed(b"".join(parts)),
+            }
+        )
+
+    def _pack_vector(self, vector: Vector) -> _PackedVector:
+        pack, ids = self._packer.pack, self._ids
+        claimer = vector.claimed_by
+        head = self._packer.pack_array_header(5) + pack(int(vector.index)) + pack(vector.number)
+        tail = pack([ids.get(id(s), -1) for s in vector.subscribers]) + pack(
+            None if claimer is None else ids.get(id(claimer), -1)
+        )
+        return _PackedVector(vector, list(vector.subscribers), claimer, head, tail)
 
 
 def eventfds_of(record: VectorRecord) -> dict[tuple[IrqIndex, int], int]:

@@ -21,7 +21,7 @@ The table checks each request and carries it out on its parts, one job each:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,7 @@ class VectorTable:
             device, self.info, msix_strategy=msix_strategy, msix_prearm=msix_prearm
         )
         self._record = VectorRecord(device, poller, self.indexes)
+        self._packer = table_state.RecordPacker()
         self._closed = False
         self._detached = False
 
@@ -282,13 +283,20 @@ class VectorTable:
 
     # -- restart without disarming (irqd.server.table_state) -------------------------------
 
-    def export_state(self, subscriber_id: Callable[[Subscriber], int]) -> dict[str, Any]:
+    def export_state(self, ids: Mapping[int, int]) -> dict[str, Any]:
         """The table as msgpack-able data: strategy, what the kernel has per index,
-        and each vector with its total, subscribers and claimer (by ``subscriber_id``).
+        and each vector with its total, subscribers and claimer (``ids`` maps
+        ``id(subscriber)`` to the id the next process knows it by; others are -1).
 
         The eventfds themselves travel separately (``eventfds()``).
         """
-        return table_state.export_record(self._record, subscriber_id)
+        return table_state.export_record(self._record, ids)
+
+    def packed_state(self, ids: Mapping[int, int]) -> bytes:
+        """``export_state`` packed as msgpack, cheaply again and again: what did
+        not change since the last call is not packed again
+        (``table_state.RecordPacker``)."""
+        return self._packer.pack(self._record, ids)
 
     def eventfds(self) -> dict[tuple[IrqIndex, int], int]:
         """Every enabled vector's eventfd number, by (index, vector)."""
