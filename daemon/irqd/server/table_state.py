@@ -69,7 +69,7 @@ class RecordPacker:
     The ``live-state`` record (irqd.process.crashstate) is rewritten after every
     request that changes anything. Mapping every subscriber of every vector
     to its session id each time costs in proportion to vectors x subscribers
-    (2048 x 64 took about 20 ms a request; docs/performance.md). Between two
+    (2048 x 64 took about 24 ms a request; docs/performance.md). Between two
     calls only the totals change for most vectors, so each vector's entry is
     kept packed and only its total is packed anew; an entry is packed again
     when its subscriber list or claimer changed, or the id of one of them.
