@@ -7,6 +7,7 @@ import fcntl
 import os
 import socket
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import msgpack
 import pytest
@@ -49,9 +50,11 @@ class Sub:
         pass
 
 
-def ids_of(*subscribers: Sub) -> dict[int, int]:
-    """What the daemon gives ``export_state``: each subscriber's ``id()`` to its id."""
-    return {id(s): s.id for s in subscribers}
+def exported(table: VectorTable, *subscribers: Sub) -> dict[str, Any]:
+    """The table's state as the next process reads it, ``subscribers`` known by their ids."""
+    packed = table.packed_state({id(s): s.id for s in subscribers})
+    state: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return state
 
 
 def pump(table: VectorTable) -> None:
@@ -85,7 +88,7 @@ def test_table_and_sim_carry_over_without_a_single_set_irqs(
     sim.raise_irq(MSIX, 3, 4)
     pump(table)
     # What a hand-over sends: the state, and dups of the eventfds (the fd store's).
-    table_state = table.export_state(ids_of(a, b))
+    table_state = exported(table, a, b)
     sim_state = sim.export_state()
     carried = {key: EventFd.adopt(os.dup(fd)) for key, fd in table.eventfds().items()}
     table.detach()  # the old process lets go without touching the device
@@ -146,7 +149,7 @@ def test_a_vector_whose_eventfd_did_not_arrive_gets_a_fresh_one(
     sim, table = old
     a = Sub(1)
     table.subscribe(a, MSIX, [1, 2])
-    state = table.export_state(ids_of(a))
+    state = exported(table, a)
     carried = {(MSIX, 1): EventFd.adopt(os.dup(table.eventfds()[(MSIX, 1)]))}
     table.detach()
     new = VectorTable(sim, PythonHotLoop())  # the same device: it still has both assigned
@@ -163,7 +166,7 @@ def test_a_vector_nobody_came_back_for_is_released(old: tuple[SimDevice, VectorT
     sim, table = old
     seven = Sub(7)
     table.subscribe(seven, MSIX, [4])
-    state = table.export_state(ids_of(seven))
+    state = exported(table, seven)
     carried = {k: EventFd.adopt(os.dup(fd)) for k, fd in table.eventfds().items()}
     table.detach()
     new = VectorTable(sim, PythonHotLoop())

@@ -62,6 +62,7 @@ import structlog
 from irqd.device.base import Device, IrqIndex, StoredDevice, Unsupported
 from irqd.device.sim import SimDevice
 from irqd.eventfd import EventFd, is_eventfd
+from irqd.packing import pack_map
 from irqd.process.activation import InheritedFds
 from irqd.process.crashstate import CrashStateError, read_crash_state
 from irqd.process.livestore import GUARD_NAME, LIVE_STATE_NAME
@@ -154,12 +155,13 @@ def parse_client_fd_name(name: str) -> int | None:
 
 
 def write_state(state: dict[str, Any]) -> int:
-    """A sealed memfd holding ``state`` as msgpack; the caller owns the fd.
+    """A sealed memfd holding ``state`` as msgpack (a ``Packed`` value, irqd.packing,
+    goes in as it is); the caller owns the fd.
 
     Sealed (no write, grow or shrink) so that what the next process reads is
     exactly what this one wrote, whoever else holds the fd meanwhile.
     """
-    data = msgpack.packb({"version": STATE_VERSION, **state}, use_bin_type=True)
+    data = pack_map({"version": STATE_VERSION, **state})
     fd = os.memfd_create("vfio-irqd-state", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(data)

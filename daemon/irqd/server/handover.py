@@ -323,7 +323,7 @@ class HandoverController:
             stored.add(client_fd_name(session.id), session.sock.fileno())
         state = {
             "device": export_device(parts.device),
-            "table": parts.table.export_state({id(s): s.id for s in parts.sessions}),
+            "table": Packed(parts.table.packed_state({id(s): s.id for s in parts.sessions})),
             "sessions": [s.export_state() for s in sessions],
             "next_id": parts.sessions.next_id,
             # The DMA buffers still mapped: the container keeps the mappings, the

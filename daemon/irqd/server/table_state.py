@@ -1,8 +1,8 @@
 """The vector table's state across a restart without disarming (irqd.process.fdstore).
 
-The old process exports its record as msgpack-able data (``export_record``),
-or packed (``RecordPacker``, for the record kept current against a crash),
-and its eventfds apart (they travel through the fd store); the new one takes
+The old process packs its record (``RecordPacker``, which keeps what did
+not change packed, for the ``live-state`` record rewritten after every change)
+and passes its eventfds apart (they travel through the fd store); the new one takes
 both over (``import_record``) without a device call, except for a vector whose
 eventfd did not arrive: that one gets a fresh eventfd assigned, a single-vector
 call that leaves every other vector alone.
@@ -25,15 +25,6 @@ from irqd.packing import Packed, pack_map
 from irqd.server.vector_record import Vector, VectorRecord
 
 log = structlog.get_logger("irqd.server.vectors")
-
-
-def export_record(record: VectorRecord, ids: Mapping[int, int]) -> dict[str, Any]:
-    """Strategy, what the kernel has per index, and each vector with its total,
-    subscribers and claimer, as msgpack-able data (what :class:`RecordPacker`
-    packs; subscribers by ``ids``, see there)."""
-    data = RecordPacker().pack(record, ids)
-    state: dict[str, Any] = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return state
 
 
 @dataclass

@@ -283,19 +283,15 @@ class VectorTable:
 
     # -- restart without disarming (irqd.server.table_state) -------------------------------
 
-    def export_state(self, ids: Mapping[int, int]) -> dict[str, Any]:
-        """The table as msgpack-able data: strategy, what the kernel has per index,
-        and each vector with its total, subscribers and claimer (``ids`` maps
+    def packed_state(self, ids: Mapping[int, int]) -> bytes:
+        """The table as msgpack: strategy, what the kernel has per index, and each
+        vector with its total, subscribers and claimer (``ids`` maps
         ``id(subscriber)`` to the id the next process knows it by; others are -1).
 
-        The eventfds themselves travel separately (``eventfds()``).
+        Cheap again and again: what did not change since the last call is not
+        packed again (``table_state.RecordPacker``). The eventfds themselves
+        travel separately (``eventfds()``).
         """
-        return table_state.export_record(self._record, ids)
-
-    def packed_state(self, ids: Mapping[int, int]) -> bytes:
-        """``export_state`` packed as msgpack, cheaply again and again: what did
-        not change since the last call is not packed again
-        (``table_state.RecordPacker``)."""
         return self._packer.pack(self._record, ids)
 
     def eventfds(self) -> dict[tuple[IrqIndex, int], int]:
