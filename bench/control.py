@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from run import wait_until_serving  # bench/run.py, beside this script
+
 from irqproto.blocking import Client
 
 #: (vectors, clients each subscribed to all of them).
@@ -84,15 +86,7 @@ def daemon(tmp: Path, vectors: int, notify: Path | None) -> Iterator[Path]:
     cmd += ["--socket", str(sock), "--log-level", "warning", "--config", str(config)]
     proc = subprocess.Popen(cmd, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                Client(str(sock), client_name="bench-probe").close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the daemon did not come up") from None
-                time.sleep(0.05)
+        wait_until_serving(proc, sock, 60)
         yield sock
     finally:
         proc.terminate()

@@ -169,6 +169,20 @@ class Setup:
     pid: int
 
 
+def wait_until_serving(proc: subprocess.Popen[bytes], path: Path, seconds: float) -> None:
+    """Return once the daemon ``proc`` answers on ``path``; ``RuntimeError`` if it
+    exits or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with Client(str(path), client_name="bench-probe"):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the daemon did not come up") from None
+            time.sleep(0.05)
+
+
 class DaemonTarget:
     """vfio-irqd on the simulated device, in its own process, with one hot loop."""
 
@@ -184,15 +198,7 @@ class DaemonTarget:
         cmd += ["--socket", str(self.path), "--log-level", "warning", "--hot-loop", hot_loop]
         cmd += ["--config", str(config)]
         self.proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with Client(str(self.path), client_name="bench-probe"):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the daemon did not come up") from None
-                time.sleep(0.05)
+        wait_until_serving(self.proc, self.path, 30)
         # Serving: the hot thread exists by now.
         pin_forwarder(self.proc.pid)
 
